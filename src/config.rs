@@ -1,0 +1,565 @@
+//! Typed configuration: a TOML file, then `SPILLWAY_*` environment
+//! overrides, then validation. Every error names the offending key (and the
+//! environment variable, when one set it) and its value.
+//!
+//! With no file at all the defaults run a complete gateway: it listens on
+//! `127.0.0.1:8080` and serves the model `mock` from the built-in mock
+//! provider. `spillway.example.toml` documents every field.
+//!
+//! Environment overrides come in two forms:
+//! - short aliases for what operators set most ([`ENV_ALIASES`]), e.g.
+//!   `SPILLWAY_LISTEN=0.0.0.0:8080`;
+//! - `SPILLWAY_<SECTION>__<KEY>` for any scalar of a table section, e.g.
+//!   `SPILLWAY_GENERATION__MAX_FRAME_BYTES=8192`.
+//!
+//! Other `SPILLWAY_*` variables (such as `SPILLWAY_CONFIG`) are not
+//! overrides and are left alone.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Short environment variables and the key each sets.
+pub const ENV_ALIASES: &[(&str, &str)] = &[
+    ("SPILLWAY_LISTEN", "server.listen"),
+    ("SPILLWAY_LOG_FORMAT", "log.format"),
+    ("SPILLWAY_LOG_LEVEL", "log.level"),
+];
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The HTTP listener and request limits.
+    pub server: ServerConfig,
+    /// Log format and verbosity.
+    pub log: LogConfig,
+    /// The generation log: frame and reply bounds, resume window, grace.
+    pub generation: GenerationConfig,
+    /// HTTP settings shared by every network provider.
+    pub upstream: UpstreamConfig,
+    /// Upstreams, referenced by name from `models`.
+    pub providers: Vec<ProviderConfig>,
+    /// Model names clients may ask for, each mapped to provider targets.
+    pub models: Vec<ModelConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            log: LogConfig::default(),
+            generation: GenerationConfig::default(),
+            upstream: UpstreamConfig::default(),
+            providers: vec![ProviderConfig {
+                name: "mock".into(),
+                kind: ProviderKind::Mock,
+                ..ProviderConfig::default()
+            }],
+            models: vec![ModelConfig {
+                name: "mock".into(),
+                targets: vec![TargetConfig {
+                    provider: "mock".into(),
+                    model: "mock".into(),
+                }],
+            }],
+        }
+    }
+}
+
+/// `[server]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Seconds between SSE comment heartbeats on an idle stream (1–15).
+    pub heartbeat_secs: u64,
+    /// Seconds a graceful shutdown waits for streams to finish.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 1024 * 1024,
+            heartbeat_secs: 15,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The listen address (validated by [`Config::validate`]).
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|_| ConfigError::Invalid {
+            key: "server.listen".into(),
+            value: self.listen.clone(),
+            reason: "not a socket address (expected host:port, e.g. 127.0.0.1:8080)".into(),
+        })
+    }
+
+    /// The SSE heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs)
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` for people, `json` for log pipelines.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `spillway=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[generation]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationConfig {
+    /// Largest coalesced frame of text sent to a client in one write.
+    pub max_frame_bytes: usize,
+    /// Largest reply a generation may hold; past it the reply fails with
+    /// `reply_too_large` and the upstream is cancelled.
+    pub max_reply_bytes: usize,
+    /// Most generations live at once on this instance; past it new requests
+    /// get 503.
+    pub max_live: usize,
+    /// Seconds a finished generation stays resumable.
+    pub resume_window_secs: u64,
+    /// Seconds a generation keeps running with no subscriber (so a reload
+    /// can resume) before its upstream is cancelled. The OpenAI-compatible
+    /// endpoint always uses 0: its callers cannot resume.
+    pub grace_secs: u64,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 16 * 1024,
+            max_reply_bytes: 4 * 1024 * 1024,
+            max_live: 10_000,
+            resume_window_secs: 300,
+            grace_secs: 30,
+        }
+    }
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Milliseconds to establish a TCP (and TLS) connection.
+    pub connect_timeout_ms: u64,
+    /// Milliseconds a single read may wait: bounds the gap between chunks
+    /// (a stream has no total timeout).
+    pub read_timeout_ms: u64,
+    /// Largest single upstream SSE event.
+    pub max_event_bytes: usize,
+    /// Most bytes of an upstream error body we read for its reason.
+    pub max_error_body_bytes: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 10_000,
+            read_timeout_ms: 120_000,
+            max_event_bytes: 1024 * 1024,
+            max_error_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// The connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// The per-read timeout.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
+    }
+}
+
+/// One `[[providers]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Referenced by `models[].targets[].provider`.
+    pub name: String,
+    /// Which wire format it speaks.
+    pub kind: ProviderKind,
+    /// API base URL, e.g. `https://api.openai.com/v1`; each kind has a
+    /// default.
+    pub base_url: Option<String>,
+    /// Environment variable holding the API key; unset for keyless local
+    /// servers. Keys never go in the file.
+    pub api_key_env: Option<String>,
+    /// `max_tokens` sent to Anthropic when the client set none.
+    pub default_max_tokens: u32,
+    /// Mock only: words per reply.
+    pub mock_tokens: u32,
+    /// Mock only: milliseconds before each word.
+    pub mock_token_delay_ms: u64,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            kind: ProviderKind::Openai,
+            base_url: None,
+            api_key_env: None,
+            default_max_tokens: 4096,
+            mock_tokens: 48,
+            mock_token_delay_ms: 40,
+        }
+    }
+}
+
+/// The wire format of a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// OpenAI chat completions and compatibles.
+    Openai,
+    /// Anthropic Messages.
+    Anthropic,
+    /// The built-in demo provider.
+    Mock,
+}
+
+/// One `[[models]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients ask for.
+    pub name: String,
+    /// Providers that can serve it, in order of preference.
+    pub targets: Vec<TargetConfig>,
+}
+
+/// A (provider, upstream model) pair.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// A `providers[].name`.
+    pub provider: String,
+    /// The model name the provider knows.
+    pub model: String,
+}
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A key has the wrong type or is unknown.
+    #[error("config key `{key}`{origin}: {message}")]
+    Field {
+        /// Dotted path of the key.
+        key: String,
+        /// ` (set by SPILLWAY_…)` when the environment set it.
+        origin: Origin,
+        /// What is wrong, with the value where serde reports it.
+        message: String,
+    },
+    /// A value is well-typed but not acceptable.
+    #[error("config key `{key}` = {value:?}: {reason}")]
+    Invalid {
+        /// Dotted path of the key.
+        key: String,
+        /// The offending value.
+        value: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// An environment override names a key that is not a scalar setting.
+    #[error("environment variable {var}: {reason}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, Default)]
+pub struct Origin(Option<String>);
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(var) => write!(f, " (set by {var})"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (or the defaults when `None`), applies the process
+    /// environment's overrides and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// [`Config::load`] with an explicit environment (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Self::parse(&text, path.unwrap_or(Path::new("<defaults>")), env)
+    }
+
+    /// Parses TOML `text`, applies `env` overrides and validates.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|err| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: err.to_string(),
+        })?;
+        let origins = apply_env(&mut table, env)?;
+        let config: Self =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
+                let key = err.path().to_string();
+                ConfigError::Field {
+                    origin: Origin(origins.get(&key).cloned()),
+                    message: err.into_inner().to_string(),
+                    key,
+                }
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types cannot: addresses, ranges, references, uniqueness.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server.listen_addr()?;
+        let invalid = |key: &str, value: &dyn fmt::Display, reason: &str| ConfigError::Invalid {
+            key: key.to_owned(),
+            value: value.to_string(),
+            reason: reason.to_owned(),
+        };
+        if self.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", &0, "must be at least 1"));
+        }
+        if !(1..=15).contains(&self.server.heartbeat_secs) {
+            return Err(invalid(
+                "server.heartbeat_secs",
+                &self.server.heartbeat_secs,
+                "must be between 1 and 15 (proxies cut streams idle for longer)",
+            ));
+        }
+        let generation = &self.generation;
+        if generation.max_frame_bytes < 64 {
+            return Err(invalid(
+                "generation.max_frame_bytes",
+                &generation.max_frame_bytes,
+                "must be at least 64",
+            ));
+        }
+        if generation.max_reply_bytes < generation.max_frame_bytes {
+            return Err(invalid(
+                "generation.max_reply_bytes",
+                &generation.max_reply_bytes,
+                "must be at least generation.max_frame_bytes",
+            ));
+        }
+        if generation.max_live == 0 {
+            return Err(invalid("generation.max_live", &0, "must be at least 1"));
+        }
+        if self.upstream.max_event_bytes < 1024 {
+            return Err(invalid(
+                "upstream.max_event_bytes",
+                &self.upstream.max_event_bytes,
+                "must be at least 1024",
+            ));
+        }
+        if self.upstream.connect_timeout_ms == 0 || self.upstream.read_timeout_ms == 0 {
+            return Err(invalid(
+                "upstream.connect_timeout_ms / upstream.read_timeout_ms",
+                &0,
+                "timeouts must be positive",
+            ));
+        }
+
+        let mut providers = HashMap::new();
+        for (i, provider) in self.providers.iter().enumerate() {
+            let key = format!("providers[{i}].name");
+            if provider.name.trim().is_empty() {
+                return Err(invalid(&key, &provider.name, "a provider needs a name"));
+            }
+            if providers.insert(provider.name.as_str(), provider).is_some() {
+                return Err(invalid(&key, &provider.name, "duplicate provider name"));
+            }
+            if let Some(url) = &provider.base_url {
+                let ok = reqwest::Url::parse(url)
+                    .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+                if !ok {
+                    return Err(invalid(
+                        &format!("providers[{i}].base_url"),
+                        url,
+                        "not an http(s) URL",
+                    ));
+                }
+            }
+            if provider.kind == ProviderKind::Mock && provider.mock_tokens == 0 {
+                return Err(invalid(
+                    &format!("providers[{i}].mock_tokens"),
+                    &0,
+                    "must be at least 1",
+                ));
+            }
+        }
+        if self.models.is_empty() {
+            return Err(invalid("models", &"[]", "configure at least one model"));
+        }
+        let mut models = HashMap::new();
+        for (i, model) in self.models.iter().enumerate() {
+            let key = format!("models[{i}].name");
+            if model.name.trim().is_empty() {
+                return Err(invalid(&key, &model.name, "a model needs a name"));
+            }
+            if models.insert(model.name.as_str(), ()).is_some() {
+                return Err(invalid(&key, &model.name, "duplicate model name"));
+            }
+            if model.targets.is_empty() {
+                return Err(invalid(
+                    &format!("models[{i}].targets"),
+                    &"[]",
+                    "a model needs at least one target",
+                ));
+            }
+            for (j, target) in model.targets.iter().enumerate() {
+                if !providers.contains_key(target.provider.as_str()) {
+                    return Err(invalid(
+                        &format!("models[{i}].targets[{j}].provider"),
+                        &target.provider,
+                        "no provider has this name",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies `SPILLWAY_*` overrides to `table`; returns which key each
+/// variable set.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<HashMap<String, String>, ConfigError> {
+    let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
+    let mut origins = HashMap::new();
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(var, _)| var.starts_with("SPILLWAY_"))
+        .collect();
+    // Deterministic order, so a conflict always resolves the same way.
+    vars.sort();
+    for (var, raw) in vars {
+        let key = match ENV_ALIASES.iter().find(|(alias, _)| *alias == var) {
+            Some((_, key)) => (*key).to_owned(),
+            None => match var["SPILLWAY_".len()..].split_once("__") {
+                Some((section, field)) => {
+                    format!("{}.{}", section.to_lowercase(), field.to_lowercase())
+                }
+                None => continue,
+            },
+        };
+        let Some((section, field)) = key.split_once('.') else {
+            continue;
+        };
+        let is_string = defaults
+            .get(section)
+            .and_then(|s| s.get(field))
+            .is_some_and(toml::Value::is_str);
+        let value = if is_string {
+            toml::Value::String(raw)
+        } else {
+            parse_scalar(&raw)
+        };
+        let entry = table
+            .entry(section.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section_table) = entry.as_table_mut() else {
+            return Err(ConfigError::Env {
+                var,
+                reason: format!("`{section}` is not a table section"),
+            });
+        };
+        section_table.insert(field.to_owned(), value);
+        origins.insert(key, var);
+    }
+    Ok(origins)
+}
+
+/// Reads an environment value as a TOML scalar (integer, float, boolean),
+/// falling back to a string.
+fn parse_scalar(raw: &str) -> toml::Value {
+    #[derive(Deserialize)]
+    struct Probe {
+        v: toml::Value,
+    }
+    match toml::from_str::<Probe>(&format!("v = {raw}")) {
+        Ok(Probe { v }) if !v.is_table() && !v.is_array() => v,
+        _ => toml::Value::String(raw.to_owned()),
+    }
+}

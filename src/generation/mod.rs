@@ -1,0 +1,338 @@
+//! Generations: in-flight assistant replies, the heart of the gateway.
+//!
+//! A [`Generation`] owns an append-only log of normalized events (see
+//! [`log`]) and runs as its own task, detached from any connection: the
+//! task reads the upstream and appends; connections are [`Subscriber`]s
+//! holding a cursor into the log. A subscriber's writer waits for data past
+//! its cursor, takes everything available as coalesced [`Frame`]s, writes
+//! them, and only then waits again, so a slow client costs O(1) extra
+//! memory and never slows the upstream read or another subscriber.
+//!
+//! When the last subscriber leaves, the generation keeps running for its
+//! grace period (so a reload can resume), then cancels the upstream: the
+//! provider stream is dropped, which closes its TCP connection and stops
+//! billing. A finished generation stays in the [`Registry`] for the resume
+//! window, then is dropped.
+
+mod log;
+mod registry;
+mod reply;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use log::{CancelReason, Frame, Outcome};
+pub use registry::{Registry, RegistryError, StartOptions};
+pub use reply::{Reply, ToolCall};
+
+use crate::provider::{ChatRequest, EventStream, Provider, ProviderError};
+use log::{Appended, Log, Progress};
+
+/// A generation's id: a UUIDv7, so ids sort by creation time.
+pub type GenerationId = Uuid;
+
+/// One in-flight (or recently finished) assistant reply.
+#[derive(Debug)]
+pub struct Generation {
+    id: GenerationId,
+    /// Unix seconds at creation (OpenAI's `created`).
+    created: u64,
+    /// The model name the client asked for.
+    model: String,
+    /// The provider serving it, for logs.
+    provider: String,
+    /// The event log every subscriber reads.
+    log: Log,
+    /// Largest coalesced frame handed to a subscriber.
+    max_frame_bytes: usize,
+    /// Live subscriber count; the driver watches it for abandonment.
+    subscribers: watch::Sender<usize>,
+    /// How long the generation runs on with no subscriber.
+    grace: Duration,
+    /// Cancels the upstream (client cancel, shutdown).
+    cancel: CancellationToken,
+}
+
+impl Generation {
+    /// The generation's id.
+    pub fn id(&self) -> GenerationId {
+        self.id
+    }
+
+    /// Unix seconds at creation.
+    pub fn created(&self) -> u64 {
+        self.created
+    }
+
+    /// The model name the client asked for.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// The outcome, once there is one.
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.log.outcome()
+    }
+
+    /// Events in the log so far.
+    pub fn len(&self) -> u64 {
+        self.log.len()
+    }
+
+    /// Whether the log holds no events yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops the generation: the upstream is cancelled and the log ends with
+    /// [`Outcome::Cancelled`] (unless it already ended).
+    pub fn cancel(&self, reason: CancelReason) {
+        if self.log.end(Outcome::Cancelled(reason)) {
+            tracing::info!(generation = %self.id, ?reason, "generation cancelled");
+        }
+        self.cancel.cancel();
+    }
+
+    /// A new subscriber reading from `offset` (clamped to the log's length).
+    pub fn subscribe(self: &Arc<Self>, offset: u64) -> Subscriber {
+        self.subscribers.send_modify(|n| *n += 1);
+        Subscriber {
+            cursor: offset.min(self.len()),
+            progress: self.log.subscribe(),
+            generation: Arc::clone(self),
+        }
+    }
+
+    /// Reads the upstream into the log until it ends, the generation is
+    /// cancelled, or every subscriber has been gone for the grace period.
+    async fn drive(self: Arc<Self>, provider: Arc<dyn Provider>, request: ChatRequest) {
+        let abandoned = abandoned(self.subscribers.subscribe(), self.grace);
+        tokio::pin!(abandoned);
+        let outcome = tokio::select! {
+            // Cancellation and abandonment win over a ready upstream event:
+            // once nobody wants the reply, we stop paying for it.
+            biased;
+            // `cancel()` records its own reason first; if nothing is
+            // recorded, the token was cancelled from above: shutdown.
+            () = self.cancel.cancelled() => Outcome::Cancelled(CancelReason::Shutdown),
+            () = &mut abandoned => Outcome::Cancelled(CancelReason::Abandoned),
+            outcome = self.relay(provider, request) => outcome,
+        };
+        self.log.end(outcome);
+        // Whatever ended the reply, nobody may keep the upstream alive.
+        self.cancel.cancel();
+        match self.log.outcome() {
+            Some(Outcome::Failed(err)) => tracing::warn!(
+                generation = %self.id,
+                provider = %self.provider,
+                class = err.class.code(),
+                status = err.status,
+                events = self.len(),
+                "generation failed"
+            ),
+            outcome => tracing::debug!(
+                generation = %self.id,
+                provider = %self.provider,
+                ?outcome,
+                events = self.len(),
+                "generation ended"
+            ),
+        }
+    }
+
+    /// Connects upstream and appends its events; returns how it ended. The
+    /// upstream stream is dropped when this future is, closing the
+    /// connection.
+    async fn relay(&self, provider: Arc<dyn Provider>, request: ChatRequest) -> Outcome {
+        let mut upstream: EventStream = match provider.stream(request).await {
+            Ok(stream) => stream,
+            Err(err) => return Outcome::Failed(err),
+        };
+        self.log.mark_accepted();
+        while let Some(event) = upstream.next().await {
+            match event {
+                Ok(event) => match self.log.append(event) {
+                    Appended::Yes => {}
+                    Appended::Ended | Appended::TooLarge => {
+                        return self.log.outcome().unwrap_or(Outcome::Complete);
+                    }
+                },
+                Err(err) => return Outcome::Failed(err),
+            }
+        }
+        Outcome::Complete
+    }
+}
+
+/// Resolves once the subscriber count has stayed at zero for `grace`.
+async fn abandoned(mut subscribers: watch::Receiver<usize>, grace: Duration) {
+    loop {
+        if subscribers.wait_for(|n| *n == 0).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep(grace) => return,
+            back = subscribers.wait_for(|n| *n > 0) => {
+                if back.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What a subscriber's read returns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Read {
+    /// Coalesced frames past the cursor; the cursor has moved past them.
+    Frames(Vec<Frame>),
+    /// The log has ended and the cursor is at its end.
+    End(Outcome),
+}
+
+/// A reader of one generation's log, with its own cursor. Dropping it
+/// unsubscribes; the last one out starts the grace period.
+#[derive(Debug)]
+pub struct Subscriber {
+    generation: Arc<Generation>,
+    /// Offset of the next event this subscriber will read.
+    cursor: u64,
+    /// Wakes the subscriber when the log grows or ends.
+    progress: watch::Receiver<Progress>,
+}
+
+impl Subscriber {
+    /// The generation being read.
+    pub fn generation(&self) -> &Arc<Generation> {
+        &self.generation
+    }
+
+    /// Offset of the next event to read.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// Waits until the upstream has accepted the request (content may
+    /// follow) or the generation ended before that. Before acceptance
+    /// nothing has reached the client, so a failure can still become a
+    /// plain HTTP error.
+    pub async fn accepted(&mut self) -> Result<(), Outcome> {
+        let progress = self
+            .progress
+            .wait_for(|p| p.accepted || p.len > 0 || p.ended)
+            .await
+            .map(|p| *p)
+            .unwrap_or(Progress {
+                ended: true,
+                ..Progress::default()
+            });
+        if progress.accepted || progress.len > 0 {
+            return Ok(());
+        }
+        Err(self
+            .generation
+            .outcome()
+            .unwrap_or(Outcome::Cancelled(CancelReason::Shutdown)))
+    }
+
+    /// Waits for events past the cursor (or the end) and takes everything
+    /// available, coalesced.
+    pub async fn read(&mut self) -> Read {
+        loop {
+            if let Some(frames) = self
+                .generation
+                .log
+                .read(self.cursor, self.generation.max_frame_bytes)
+            {
+                if let Some(last) = frames.last() {
+                    self.cursor = last.next;
+                }
+                return Read::Frames(frames);
+            }
+            if let Some(outcome) = self.generation.outcome() {
+                // Events appended before the outcome are all read by now:
+                // the outcome is recorded after the last append.
+                if self.generation.log.read(self.cursor, 1).is_none() {
+                    return Read::End(outcome);
+                }
+                continue;
+            }
+            let cursor = self.cursor;
+            if self
+                .progress
+                .wait_for(|p| p.len > cursor || p.ended)
+                .await
+                .is_err()
+            {
+                // The log's sender lives as long as the generation we hold.
+                return Read::End(Outcome::Cancelled(CancelReason::Shutdown));
+            }
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.generation
+            .subscribers
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Everything needed to build a generation; the registry fills it in.
+pub(crate) struct Spec {
+    pub model: String,
+    pub provider: Arc<dyn Provider>,
+    pub request: ChatRequest,
+    pub grace: Duration,
+    pub max_frame_bytes: usize,
+    pub max_reply_bytes: usize,
+    pub cancel: CancellationToken,
+}
+
+impl Generation {
+    /// Creates the generation and its first subscriber (so it is never
+    /// observed without one), and returns the driver future.
+    pub(crate) fn create(
+        spec: Spec,
+    ) -> (
+        Arc<Self>,
+        Subscriber,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let generation = Arc::new(Self {
+            id: Uuid::now_v7(),
+            created: unix_now(),
+            model: spec.model,
+            provider: spec.provider.name().to_owned(),
+            log: Log::new(spec.max_reply_bytes),
+            max_frame_bytes: spec.max_frame_bytes,
+            subscribers: watch::Sender::new(0),
+            grace: spec.grace,
+            cancel: spec.cancel,
+        });
+        let subscriber = generation.subscribe(0);
+        let driver = Arc::clone(&generation).drive(spec.provider, spec.request);
+        (generation, subscriber, driver)
+    }
+}
+
+/// An error that ended a generation, if it failed.
+pub fn failure(outcome: &Outcome) -> Option<&ProviderError> {
+    match outcome {
+        Outcome::Failed(err) => Some(err),
+        _ => None,
+    }
+}

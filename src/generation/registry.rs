@@ -1,0 +1,153 @@
+//! The registry of live generations on this instance.
+//!
+//! It starts generations (each driver is a task on the registry's
+//! `TaskTracker`, so shutdown can wait for them), finds them by id for
+//! resume, bounds how many exist at once, and forgets each one when its
+//! resume window has passed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Generation, GenerationId, Spec, Subscriber};
+use crate::config::GenerationConfig;
+use crate::provider::{ChatRequest, Provider};
+
+/// Per-start choices that differ between transports.
+#[derive(Debug, Clone, Copy)]
+pub struct StartOptions {
+    /// How long the generation runs on with no subscriber.
+    pub grace: Duration,
+    /// How long it stays resumable after it ends.
+    pub retain: Duration,
+}
+
+/// Why a generation could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// `generation.max_live` generations exist already.
+    #[error("too many generations in flight on this instance (limit {limit})")]
+    Full {
+        /// The configured bound.
+        limit: usize,
+    },
+    /// The gateway is shutting down and starts nothing new.
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+/// Live and recently finished generations.
+#[derive(Debug)]
+pub struct Registry {
+    /// Generations by id. A std mutex: held only to insert, look up, remove.
+    live: Mutex<HashMap<GenerationId, Arc<Generation>>>,
+    /// Owns every driver task, so shutdown can wait for them.
+    tasks: TaskTracker,
+    /// Parent of every generation's cancel token; cancelled at shutdown.
+    shutdown: CancellationToken,
+    config: GenerationConfig,
+}
+
+impl Registry {
+    /// An empty registry bounded by `config`.
+    pub fn new(config: GenerationConfig) -> Self {
+        Self {
+            live: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            config,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<GenerationId, Arc<Generation>>> {
+        // Each section is one map operation; a poisoned map is still whole.
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts a generation that answers `request` with `provider`, and
+    /// returns its first subscriber (reading from offset 0).
+    pub fn start(
+        self: &Arc<Self>,
+        model: &str,
+        provider: Arc<dyn Provider>,
+        request: ChatRequest,
+        options: StartOptions,
+    ) -> Result<Subscriber, RegistryError> {
+        if self.shutdown.is_cancelled() {
+            return Err(RegistryError::ShuttingDown);
+        }
+        let spec = Spec {
+            model: model.to_owned(),
+            provider,
+            request,
+            grace: options.grace,
+            max_frame_bytes: self.config.max_frame_bytes,
+            max_reply_bytes: self.config.max_reply_bytes,
+            cancel: self.shutdown.child_token(),
+        };
+        let (generation, subscriber, driver) = {
+            let mut live = self.lock();
+            if live.len() >= self.config.max_live {
+                return Err(RegistryError::Full {
+                    limit: self.config.max_live,
+                });
+            }
+            let (generation, subscriber, driver) = Generation::create(spec);
+            live.insert(generation.id(), Arc::clone(&generation));
+            (generation, subscriber, driver)
+        };
+        let registry = Arc::clone(self);
+        self.tasks.spawn(async move {
+            driver.await;
+            // Keep the finished log resumable for a while, unless we are
+            // shutting down.
+            if !options.retain.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(options.retain) => {}
+                    () = registry.shutdown.cancelled() => {}
+                }
+            }
+            registry.lock().remove(&generation.id());
+        });
+        Ok(subscriber)
+    }
+
+    /// The generation with `id`, if it is live or still resumable.
+    pub fn get(&self, id: GenerationId) -> Option<Arc<Generation>> {
+        self.lock().get(&id).cloned()
+    }
+
+    /// Generations currently held (running or within their resume window).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no generation is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops accepting generations, cancels every running one, and waits
+    /// (up to `deadline`) for their tasks to finish.
+    pub async fn shutdown(&self, deadline: Duration) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.tasks.len(),
+                "generations still running at the shutdown deadline"
+            );
+        }
+    }
+
+    /// The generation settings this registry enforces.
+    pub fn config(&self) -> &GenerationConfig {
+        &self.config
+    }
+}

@@ -1,0 +1,471 @@
+//! The OpenAI-compatible surface: `POST /v1/chat/completions` and
+//! `GET /v1/models`, in OpenAI's wire format whichever provider serves the
+//! model, so any OpenAI SDK pointed at the gateway's `base_url` just works.
+//!
+//! A completion is a generation read through a cursor like every other
+//! transport's: the handler starts it, waits until the upstream accepted
+//! the request (until then a failure is still a plain HTTP error with the
+//! right status), then either streams frames as `chat.completion.chunk`s or
+//! folds them into one `chat.completion`. This endpoint's callers cannot
+//! resume, so the grace period is 0: a client that disconnects cancels the
+//! upstream at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use http::{HeaderValue, StatusCode, header};
+use serde_json::{Map, Value, json};
+
+use super::{Gateway, RequestId};
+use crate::error::ApiError;
+use crate::generation::{Frame, Outcome, Read, Reply, StartOptions, Subscriber};
+use crate::provider::request::{Content, Role};
+use crate::provider::{ChatRequest, ProviderEvent, Usage};
+
+/// `GET /v1/models`: the configured model names.
+pub async fn list_models(State(gateway): State<Arc<Gateway>>) -> Response {
+    let data: Vec<Value> = gateway
+        .routes
+        .models()
+        .map(|name| json!({ "id": name, "object": "model", "created": 0, "owned_by": "spillway" }))
+        .collect();
+    Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(gateway): State<Arc<Gateway>>,
+    RequestId(request_id): RequestId,
+    request: Request,
+) -> Response {
+    match complete(gateway, &request_id, request).await {
+        Ok(response) => response,
+        Err(err) => err.with_request_id(&request_id).into_response(),
+    }
+}
+
+/// What the client asked for besides the chat request itself.
+#[derive(Debug, Clone, Copy)]
+struct Delivery {
+    stream: bool,
+    include_usage: bool,
+}
+
+async fn complete(
+    gateway: Arc<Gateway>,
+    request_id: &str,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let limit = gateway.config.server.max_body_bytes;
+    let body = read_body(request.into_body(), limit).await?;
+    let (mut chat, delivery) = parse_request(&body)?;
+
+    let route = gateway
+        .routes
+        .route(&chat.model)
+        .ok_or_else(|| ApiError::unknown_model(&chat.model))?;
+    let alias = chat.model.clone();
+    let target = route.primary();
+    chat.model.clone_from(&target.model);
+
+    let options = StartOptions {
+        grace: Duration::ZERO,
+        retain: Duration::ZERO,
+    };
+    let mut subscriber =
+        gateway
+            .generations
+            .start(&alias, Arc::clone(&target.provider), chat, options)?;
+    tracing::info!(
+        generation = %subscriber.generation().id(),
+        model = %alias,
+        provider = target.provider.name(),
+        stream = delivery.stream,
+        "generation started"
+    );
+    if let Err(outcome) = subscriber.accepted().await {
+        return Err(ApiError::from(&outcome));
+    }
+    if delivery.stream {
+        let heartbeat = gateway.config.server.heartbeat();
+        let body = sse_body(subscriber, delivery, heartbeat, request_id.to_owned());
+        Ok(sse_response(Body::from_stream(body)))
+    } else {
+        collect(subscriber).await
+    }
+}
+
+/// Reads the body up to `limit` bytes: 413 past it, 400 if it breaks off.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => Ok(bytes),
+        Err(err) => {
+            let too_large = std::error::Error::source(&err)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                Err(ApiError::body_too_large(limit))
+            } else {
+                Err(ApiError::invalid_request(
+                    "invalid_body",
+                    "The request body could not be read",
+                ))
+            }
+        }
+    }
+}
+
+/// Parses and checks a chat completion request. Every rejection is a typed
+/// 400 naming the field at fault.
+fn parse_request(body: &[u8]) -> Result<(ChatRequest, Delivery), ApiError> {
+    let text = std::str::from_utf8(body).map_err(|_| {
+        ApiError::invalid_request("invalid_encoding", "The request body is not valid UTF-8")
+    })?;
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let mut chat: ChatRequest = match serde_path_to_error::deserialize(&mut deserializer) {
+        Ok(chat) => chat,
+        Err(err) => {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            return Err(if inner.is_data() {
+                let err =
+                    ApiError::invalid_request("invalid_type", format!("Invalid request: {inner}"));
+                if path == "." {
+                    err
+                } else {
+                    err.with_param(path)
+                }
+            } else {
+                ApiError::invalid_request(
+                    "invalid_json",
+                    format!("The request body is not valid JSON: {inner}"),
+                )
+            });
+        }
+    };
+    deserializer.end().map_err(|err| {
+        ApiError::invalid_request(
+            "invalid_json",
+            format!("The request body is not valid JSON: {err}"),
+        )
+    })?;
+
+    let delivery = take_delivery(&mut chat.extra)?;
+    if chat.model.trim().is_empty() {
+        return Err(
+            ApiError::invalid_request("invalid_value", "'model' must not be empty")
+                .with_param("model"),
+        );
+    }
+    if chat.messages.is_empty() {
+        return Err(ApiError::invalid_request(
+            "invalid_value",
+            "'messages' must contain at least one message",
+        )
+        .with_param("messages"));
+    }
+    for (i, message) in chat.messages.iter().enumerate() {
+        let has_content = match &message.content {
+            Some(Content::Text(_)) => true,
+            Some(Content::Parts(parts)) => !parts.is_empty(),
+            None => false,
+        };
+        let needs_content = match message.role {
+            Role::Assistant => message.tool_calls.as_ref().is_none_or(Vec::is_empty),
+            _ => true,
+        };
+        if needs_content && !has_content {
+            return Err(ApiError::invalid_request(
+                "invalid_value",
+                format!("messages[{i}] has no content"),
+            )
+            .with_param(format!("messages[{i}].content")));
+        }
+        if message.role == Role::Tool && message.tool_call_id.is_none() {
+            return Err(ApiError::invalid_request(
+                "invalid_value",
+                format!("messages[{i}] is a tool result without tool_call_id"),
+            )
+            .with_param(format!("messages[{i}].tool_call_id")));
+        }
+    }
+    Ok((chat, delivery))
+}
+
+/// Takes `stream`, `stream_options` and `n` out of the forwarded extras:
+/// they describe how the gateway answers, not what the upstream does.
+fn take_delivery(extra: &mut Map<String, Value>) -> Result<Delivery, ApiError> {
+    let stream = match extra.remove("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(stream)) => stream,
+        Some(_) => {
+            return Err(
+                ApiError::invalid_request("invalid_type", "'stream' must be a boolean")
+                    .with_param("stream"),
+            );
+        }
+    };
+    let include_usage = match extra.remove("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(options)) => match options.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(include)) => *include,
+            Some(_) => {
+                return Err(ApiError::invalid_request(
+                    "invalid_type",
+                    "'stream_options.include_usage' must be a boolean",
+                )
+                .with_param("stream_options.include_usage"));
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::invalid_request(
+                "invalid_type",
+                "'stream_options' must be an object",
+            )
+            .with_param("stream_options"));
+        }
+    };
+    match extra.remove("n") {
+        None | Some(Value::Null) => {}
+        Some(Value::Number(n)) if n.as_u64() == Some(1) => {}
+        Some(_) => {
+            return Err(ApiError::invalid_request(
+                "unsupported_value",
+                "Only n = 1 is supported: the gateway relays one choice per request",
+            )
+            .with_param("n"));
+        }
+    }
+    Ok(Delivery {
+        stream,
+        include_usage,
+    })
+}
+
+/// The SSE response around `body`, with the headers that keep proxies from
+/// buffering it.
+fn sse_response(body: Body) -> Response {
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// The writer loop: wait for frames past the cursor, write everything
+/// available as one chunk, repeat. A comment heartbeat opens the stream
+/// (before the first token) and fills every idle `heartbeat`.
+fn sse_body(
+    mut subscriber: Subscriber,
+    delivery: Delivery,
+    heartbeat: Duration,
+    request_id: String,
+) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    let generation = Arc::clone(subscriber.generation());
+    let mut encoder = ChunkEncoder::new(
+        format!("chatcmpl-{}", generation.id()),
+        generation.created(),
+        generation.model().to_owned(),
+        delivery.include_usage,
+    );
+    async_stream::stream! {
+        yield Ok(Bytes::from_static(b": spillway stream open\n\n"));
+        loop {
+            let read = tokio::select! {
+                read = subscriber.read() => read,
+                () = tokio::time::sleep(heartbeat) => {
+                    yield Ok(Bytes::from_static(b": keep-alive\n\n"));
+                    continue;
+                }
+            };
+            match read {
+                Read::Frames(frames) => {
+                    let chunk = encoder.encode(&frames);
+                    if !chunk.is_empty() {
+                        yield Ok(Bytes::from(chunk));
+                    }
+                }
+                Read::End(Outcome::Complete) => {
+                    yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
+                    break;
+                }
+                Read::End(outcome) => {
+                    // Never a clean end for a reply that did not finish.
+                    let error = ApiError::from(&outcome).with_request_id(&request_id);
+                    yield Ok(Bytes::from(error.sse_event()));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Turns frames into `chat.completion.chunk` SSE events.
+#[derive(Debug)]
+struct ChunkEncoder {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    /// The first delta carries `role: assistant`, as OpenAI's does.
+    sent_role: bool,
+}
+
+impl ChunkEncoder {
+    fn new(id: String, created: u64, model: String, include_usage: bool) -> Self {
+        Self {
+            id,
+            created,
+            model,
+            include_usage,
+            sent_role: false,
+        }
+    }
+
+    /// The SSE text of `frames` (possibly empty: a usage frame the client
+    /// did not ask for writes nothing).
+    fn encode(&mut self, frames: &[Frame]) -> String {
+        let mut out = String::new();
+        for frame in frames {
+            let Some(chunk) = self.chunk(&frame.event) else {
+                continue;
+            };
+            out.push_str("data: ");
+            out.push_str(&chunk.to_string());
+            out.push_str("\n\n");
+        }
+        out
+    }
+
+    fn chunk(&mut self, event: &ProviderEvent) -> Option<Value> {
+        let (mut delta, finish_reason) = match event {
+            ProviderEvent::Text(text) => (json!({ "content": text }), Value::Null),
+            ProviderEvent::Reasoning(text) => (json!({ "reasoning_content": text }), Value::Null),
+            ProviderEvent::Refusal(text) => (json!({ "refusal": text }), Value::Null),
+            ProviderEvent::ToolCall(call) => {
+                let mut function = Map::new();
+                if let Some(name) = &call.name {
+                    function.insert("name".into(), json!(name));
+                }
+                function.insert("arguments".into(), json!(call.arguments));
+                let mut tool_call = Map::new();
+                tool_call.insert("index".into(), json!(call.index));
+                if let Some(id) = &call.id {
+                    tool_call.insert("id".into(), json!(id));
+                    tool_call.insert("type".into(), json!("function"));
+                }
+                tool_call.insert("function".into(), Value::Object(function));
+                (json!({ "tool_calls": [tool_call] }), Value::Null)
+            }
+            ProviderEvent::Finish(reason) => (json!({}), json!(reason.as_str())),
+            ProviderEvent::Usage(usage) => {
+                if !self.include_usage {
+                    return None;
+                }
+                return Some(json!({
+                    "id": self.id,
+                    "object": "chat.completion.chunk",
+                    "created": self.created,
+                    "model": self.model,
+                    "choices": [],
+                    "usage": usage_json(usage),
+                }));
+            }
+        };
+        if !self.sent_role {
+            self.sent_role = true;
+            if let Some(delta) = delta.as_object_mut() {
+                delta.insert("role".into(), json!("assistant"));
+            }
+        }
+        Some(json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish_reason }],
+        }))
+    }
+}
+
+fn usage_json(usage: &Usage) -> Value {
+    let mut value = json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens(),
+    });
+    if let (Some(cached), Some(map)) = (usage.cached_prompt_tokens, value.as_object_mut()) {
+        map.insert(
+            "prompt_tokens_details".into(),
+            json!({ "cached_tokens": cached }),
+        );
+    }
+    value
+}
+
+/// Reads the whole reply and answers with one `chat.completion`. A reply
+/// that fails, even after content, is an error response: the client has
+/// seen nothing yet.
+async fn collect(mut subscriber: Subscriber) -> Result<Response, ApiError> {
+    let generation = Arc::clone(subscriber.generation());
+    let mut reply = Reply::default();
+    loop {
+        match subscriber.read().await {
+            Read::Frames(frames) => frames.iter().for_each(|f| reply.apply(f)),
+            Read::End(Outcome::Complete) => break,
+            Read::End(outcome) => return Err(ApiError::from(&outcome)),
+        }
+    }
+    let mut message = Map::new();
+    message.insert("role".into(), json!("assistant"));
+    let has_calls = !reply.tool_calls.is_empty();
+    message.insert(
+        "content".into(),
+        if reply.text.is_empty() && has_calls {
+            Value::Null
+        } else {
+            json!(reply.text)
+        },
+    );
+    if !reply.refusal.is_empty() {
+        message.insert("refusal".into(), json!(reply.refusal));
+    }
+    if !reply.reasoning.is_empty() {
+        message.insert("reasoning_content".into(), json!(reply.reasoning));
+    }
+    if has_calls {
+        let calls: Vec<Value> = reply
+            .tool_calls
+            .values()
+            .map(|call| {
+                json!({
+                    "id": call.id,
+                    "type": "function",
+                    "function": { "name": call.name, "arguments": call.arguments },
+                })
+            })
+            .collect();
+        message.insert("tool_calls".into(), Value::Array(calls));
+    }
+    let finish = reply.finish.as_ref().map_or("stop", |f| f.as_str());
+    let mut body = json!({
+        "id": format!("chatcmpl-{}", generation.id()),
+        "object": "chat.completion",
+        "created": generation.created(),
+        "model": generation.model(),
+        "choices": [{ "index": 0, "message": message, "finish_reason": finish }],
+    });
+    if let (Some(usage), Some(map)) = (reply.usage, body.as_object_mut()) {
+        map.insert("usage".into(), usage_json(&usage));
+    }
+    Ok((StatusCode::OK, Json(body)).into_response())
+}

@@ -1,0 +1,34 @@
+//! Spillway: a streaming chat gateway.
+//!
+//! Browser widgets, iframes and mobile apps hold long-lived SSE (and, later,
+//! WebSocket) connections to Spillway; it calls LLM providers and relays
+//! their tokens as they stream, with every connection's memory bounded.
+//! `../DESIGN.md` in the project's shared folder is the map; `docs/` holds
+//! the protocols and decisions.
+//!
+//! # Layout
+//!
+//! One request travels top to bottom:
+//!
+//! - [`http`]: the axum router and one file per surface (the
+//!   OpenAI-compatible API in `http/openai.rs`, static assets);
+//! - [`error`]: `ApiError`, the edge type every handler returns;
+//! - [`routing`]: model name → provider targets;
+//! - [`generation`]: the heart: one in-flight reply as an append-only event
+//!   log that subscribers read through cursors, with coalescing, grace and
+//!   cancellation;
+//! - [`provider`]: one adapter per upstream wire format (OpenAI-compatible,
+//!   Anthropic, the built-in mock), upstream SSE decoding, the normalized
+//!   `ProviderEvent`;
+//! - [`config`]: typed TOML + `SPILLWAY_*` environment configuration;
+//! - [`telemetry`]: tracing setup;
+//! - [`shutdown`]: the signal that starts a graceful drain.
+
+pub mod config;
+pub mod error;
+pub mod generation;
+pub mod http;
+pub mod provider;
+pub mod routing;
+pub mod shutdown;
+pub mod telemetry;
