@@ -257,15 +257,15 @@ fn finish_reason(reason: &str) -> FinishReason {
 }
 
 fn in_band_error(error: &WireError) -> ProviderError {
-    let class = classify(error);
+    let class = classify(error, ErrorClass::Unavailable);
     ProviderError::new(class, error.message.clone())
 }
 
 /// Anthropic has no dedicated context-length error type: an over-long
 /// prompt is an `invalid_request_error` whose message says so.
-fn classify(error: &WireError) -> ErrorClass {
+fn classify(error: &WireError, fallback: ErrorClass) -> ErrorClass {
     if error.kind != "invalid_request_error" {
-        return super::class_from_error_type(&error.kind, ErrorClass::Unavailable);
+        return super::class_from_error_type(&error.kind, fallback);
     }
     let message = error.message.to_ascii_lowercase();
     if message.contains("prompt is too long") || message.contains("context window") {
@@ -276,9 +276,12 @@ fn classify(error: &WireError) -> ErrorClass {
 }
 
 /// Classifies an error body: `{"type":"error","error":{"type","message"}}`.
-pub(crate) fn classify_error_body(body: &Value) -> Option<(ErrorClass, String)> {
+pub(crate) fn classify_error_body(
+    body: &Value,
+    status_class: ErrorClass,
+) -> Option<(ErrorClass, String)> {
     let error: WireError = serde_json::from_value(body.get("error")?.clone()).ok()?;
-    Some((classify(&error), error.message))
+    Some((classify(&error, status_class), error.message))
 }
 
 /// Translates an OpenAI-shaped request into an Anthropic Messages body.

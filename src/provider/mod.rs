@@ -359,18 +359,19 @@ pub(crate) async fn error_from_response(
     provider: &str,
     response: reqwest::Response,
     limit: usize,
-    classify_body: fn(&serde_json::Value) -> Option<(ErrorClass, String)>,
+    classify_body: fn(&serde_json::Value, ErrorClass) -> Option<(ErrorClass, String)>,
 ) -> ProviderError {
     let status = response.status().as_u16();
     let retry_after = retry_after(response.headers());
     let body = read_capped(response, limit).await;
+    let status_class = ErrorClass::from_status(status);
     let parsed = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
-        .and_then(|value| classify_body(&value));
+        .and_then(|value| classify_body(&value, status_class));
     let (class, message) = match parsed {
         Some((class, message)) => (class, message),
         None => (
-            ErrorClass::from_status(status),
+            status_class,
             format!("provider '{provider}' answered HTTP {status}"),
         ),
     };
@@ -402,9 +403,10 @@ fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
-/// Splits a provider error message's class out of its textual `type`/`code`,
-/// shared by the OpenAI and Anthropic adapters.
-pub(crate) fn class_from_error_type(kind: &str, status_class: ErrorClass) -> ErrorClass {
+/// Classifies a provider error by its textual `type`/`code`, falling back to
+/// `fallback` (the HTTP status's class, or `Unavailable` in-band). Shared
+/// by the OpenAI and Anthropic adapters.
+pub(crate) fn class_from_error_type(kind: &str, fallback: ErrorClass) -> ErrorClass {
     let kind = kind.to_ascii_lowercase();
     if kind.contains("context_length") || kind.contains("context_window") {
         ErrorClass::ContextLength
@@ -414,10 +416,13 @@ pub(crate) fn class_from_error_type(kind: &str, status_class: ErrorClass) -> Err
         ErrorClass::RateLimited
     } else if kind.contains("overloaded") || kind.contains("server_error") || kind == "api_error" {
         ErrorClass::Unavailable
-    } else if kind.contains("authentication") || kind.contains("permission") {
+    } else if kind.contains("authentication")
+        || kind.contains("permission")
+        || kind.contains("api_key")
+    {
         ErrorClass::Auth
     } else {
-        status_class
+        fallback
     }
 }
 

@@ -270,19 +270,27 @@ pub fn decode_completion(body: &[u8]) -> Result<Vec<ProviderEvent>, ProviderErro
 }
 
 /// Classifies an error body: `{"error":{"message","type","code"}}`.
-pub(crate) fn classify_error_body(body: &Value) -> Option<(ErrorClass, String)> {
+pub(crate) fn classify_error_body(
+    body: &Value,
+    status_class: ErrorClass,
+) -> Option<(ErrorClass, String)> {
     let error: WireError = serde_json::from_value(body.get("error")?.clone()).ok()?;
-    let provider_error = in_band_error(&error);
+    let provider_error = classify(&error, status_class);
     Some((provider_error.class, provider_error.message))
 }
 
+/// An error sent inside a 200 stream or completion.
 fn in_band_error(error: &WireError) -> ProviderError {
+    classify(error, ErrorClass::Unavailable)
+}
+
+fn classify(error: &WireError, fallback: ErrorClass) -> ProviderError {
     let kind = [error.kind.as_deref(), error.code_str().as_deref()]
         .into_iter()
         .flatten()
         .collect::<Vec<_>>()
         .join(" ");
-    let class = super::class_from_error_type(&kind, ErrorClass::Unavailable);
+    let class = super::class_from_error_type(&kind, fallback);
     let message = error
         .message
         .clone()

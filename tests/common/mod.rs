@@ -1,0 +1,438 @@
+//! The test harness: a scriptable fake upstream (the only fake in the
+//! suite) and helpers to run the real gateway on a random port.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde_json::{Value, json};
+use spillway::config::Config;
+use spillway::http::Gateway;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+/// One step of a scripted upstream response body.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// Write these bytes (one body chunk).
+    Send(Bytes),
+    /// Wait (tokio time, so paused-clock tests can use it).
+    Sleep(Duration),
+    /// Wait until the test calls [`FakeUpstream::release`].
+    AwaitRelease,
+}
+
+/// A scripted upstream response.
+#[derive(Debug, Clone)]
+pub struct Script {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub steps: Vec<Step>,
+}
+
+impl Script {
+    /// A `text/event-stream` 200 with these steps.
+    pub fn sse(steps: Vec<Step>) -> Self {
+        Self {
+            status: 200,
+            headers: vec![("content-type".into(), "text/event-stream".into())],
+            steps,
+        }
+    }
+
+    /// A recorded transcript, sent as one chunk.
+    pub fn transcript(path: &str) -> Self {
+        let bytes = std::fs::read(fixture(path)).expect("fixture exists");
+        Self::sse(vec![Step::Send(Bytes::from(bytes))])
+    }
+
+    /// A JSON response with `status`.
+    pub fn json(status: u16, body: Value) -> Self {
+        Self {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            steps: vec![Step::Send(Bytes::from(body.to_string()))],
+        }
+    }
+
+    /// Adds a response header.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// Path of a recorded fixture under `tests/fixtures/providers`.
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/providers")
+        .join(name)
+}
+
+/// `data: <json>\n\n`
+pub fn data(json: &Value) -> Step {
+    Step::Send(Bytes::from(format!("data: {json}\n\n")))
+}
+
+/// An OpenAI `chat.completion.chunk` carrying `content`.
+pub fn openai_text_chunk(content: &str) -> Step {
+    data(&json!({
+        "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": "fake-model",
+        "choices": [{ "index": 0, "delta": { "content": content }, "finish_reason": null }]
+    }))
+}
+
+/// The finish chunk, the usage chunk and `[DONE]`.
+pub fn openai_finish(prompt_tokens: u64, completion_tokens: u64) -> Vec<Step> {
+    vec![
+        data(&json!({
+            "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": "fake-model",
+            "choices": [{ "index": 0, "delta": {}, "finish_reason": "stop" }]
+        })),
+        data(&json!({
+            "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": "fake-model",
+            "choices": [],
+            "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                       "total_tokens": prompt_tokens + completion_tokens }
+        })),
+        Step::Send(Bytes::from_static(b"data: [DONE]\n\n")),
+    ]
+}
+
+/// A complete OpenAI stream of `tokens`, `delay` apart.
+pub fn openai_stream(tokens: &[&str], delay: Duration) -> Script {
+    let mut steps = Vec::new();
+    for token in tokens {
+        if !delay.is_zero() {
+            steps.push(Step::Sleep(delay));
+        }
+        steps.push(openai_text_chunk(token));
+    }
+    steps.extend(openai_finish(7, tokens.len() as u64));
+    Script::sse(steps)
+}
+
+/// A request the fake upstream received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+/// When and how an upstream response body ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Closed {
+    pub at: Instant,
+    /// Whether the script ran to its end (false: the gateway went away).
+    pub completed: bool,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    scripts: Mutex<VecDeque<Script>>,
+    requests: Mutex<Vec<Recorded>>,
+    closed: Mutex<Vec<Closed>>,
+    closed_notify: Notify,
+    release: Notify,
+}
+
+/// A scriptable OpenAI/Anthropic-style upstream on a random port: answers
+/// each POST with the next queued [`Script`], records every request, and
+/// reports when each response body ended and why.
+#[derive(Debug, Clone)]
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    state: Arc<FakeState>,
+}
+
+impl FakeUpstream {
+    pub async fn start() -> Self {
+        let state = Arc::new(FakeState::default());
+        let app = axum::Router::new()
+            .fallback(answer)
+            .with_state(Arc::clone(&state));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
+        let addr = listener.local_addr().expect("fake addr");
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .await
+                .expect("fake upstream serves");
+        });
+        Self { addr, state }
+    }
+
+    /// The base URL to configure as the provider's `base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Queues the answer to the next request.
+    pub fn push(&self, script: Script) {
+        self.state.scripts.lock().unwrap().push_back(script);
+    }
+
+    /// Lets every body waiting at [`Step::AwaitRelease`] continue.
+    pub fn release(&self) {
+        self.state.release.notify_waiters();
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn closed(&self) -> Vec<Closed> {
+        self.state.closed.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` response bodies have ended.
+    pub async fn wait_closed(&self, n: usize) -> Vec<Closed> {
+        loop {
+            let notified = self.state.closed_notify.notified();
+            let closed = self.closed();
+            if closed.len() >= n {
+                return closed;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Records the end of a response body when the body is dropped: either it
+/// ran to completion, or hyper dropped it because the peer went away.
+struct CloseGuard {
+    state: Arc<FakeState>,
+    completed: bool,
+}
+
+impl Drop for CloseGuard {
+    fn drop(&mut self) {
+        self.state.closed.lock().unwrap().push(Closed {
+            at: Instant::now(),
+            completed: self.completed,
+        });
+        self.state.closed_notify.notify_waiters();
+    }
+}
+
+async fn answer(State(state): State<Arc<FakeState>>, request: axum::extract::Request) -> Response {
+    let path = request.uri().path().to_owned();
+    let headers = request.headers().clone();
+    let bytes = axum::body::to_bytes(request.into_body(), 16 << 20)
+        .await
+        .unwrap_or_default();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    state.requests.lock().unwrap().push(Recorded {
+        path,
+        headers,
+        body,
+    });
+    let script = state.scripts.lock().unwrap().pop_front();
+    let Some(script) = script else {
+        return Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(Body::from("no script queued"))
+            .unwrap();
+    };
+    let mut guard = CloseGuard {
+        state: Arc::clone(&state),
+        completed: false,
+    };
+    let steps = script.steps;
+    let stream = async_stream::stream! {
+        for step in steps {
+            match step {
+                Step::Send(bytes) => yield Ok::<_, std::convert::Infallible>(bytes),
+                Step::Sleep(duration) => tokio::time::sleep(duration).await,
+                Step::AwaitRelease => guard.state.release.notified().await,
+            }
+        }
+        guard.completed = true;
+        drop(guard);
+    };
+    let mut builder = Response::builder().status(script.status);
+    for (name, value) in &script.headers {
+        builder = builder.header(name, value);
+    }
+    builder.body(Body::from_stream(stream)).unwrap()
+}
+
+/// The real gateway, serving on a random loopback port in this process.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    stop: Option<oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl TestGateway {
+    /// Starts a gateway from TOML config text.
+    pub async fn start(toml: &str) -> Self {
+        let config = Config::parse(toml, Path::new("test.toml"), Vec::new()).expect("valid config");
+        Self::start_with(config).await
+    }
+
+    pub async fn start_with(config: Config) -> Self {
+        let gateway = Gateway::from_config(config).expect("gateway builds");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gateway");
+        let addr = listener.local_addr().expect("gateway addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = Arc::clone(&gateway);
+        let server = tokio::spawn(async move {
+            spillway::http::serve(listener, served, async {
+                drop(stopped.await);
+            })
+            .await
+            .expect("gateway serves");
+        });
+        Self {
+            addr,
+            gateway,
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    /// A gateway with one OpenAI-kind provider `fake` at `upstream`, serving
+    /// model `gpt-test` (upstream name `fake-model`).
+    pub async fn openai(upstream: &FakeUpstream) -> Self {
+        Self::start(&openai_config(upstream)).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Asks the server to drain and waits for it to stop.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).ok();
+        }
+        (&mut self.server).await.expect("server task");
+    }
+}
+
+/// Config text for [`TestGateway::openai`].
+pub fn openai_config(upstream: &FakeUpstream) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[[providers]]
+name = "fake"
+kind = "openai"
+base_url = "{}"
+
+[[models]]
+name = "gpt-test"
+targets = [{{ provider = "fake", model = "fake-model" }}]
+"#,
+        upstream.base_url()
+    )
+}
+
+/// A minimal chat request body.
+pub fn chat_body(model: &str, stream: bool) -> Value {
+    json!({
+        "model": model,
+        "stream": stream,
+        "messages": [{ "role": "user", "content": "Say hello" }]
+    })
+}
+
+/// One parsed SSE event from the gateway: a comment, `[DONE]`, or JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientEvent {
+    Comment(String),
+    Done,
+    Json(Value),
+}
+
+/// An incremental SSE reader over a reqwest response (simple: the gateway
+/// only writes `data:` lines and comments, LF line ends).
+pub struct SseReader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl SseReader {
+    pub fn new(response: reqwest::Response) -> Self {
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event, or `None` at the end of the body.
+    pub async fn next(&mut self) -> Option<ClientEvent> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let block = block.trim_end_matches('\n');
+                if let Some(comment) = block.strip_prefix(':') {
+                    return Some(ClientEvent::Comment(comment.trim().to_owned()));
+                }
+                let data = block.strip_prefix("data: ").expect("data line");
+                if data == "[DONE]" {
+                    return Some(ClientEvent::Done);
+                }
+                return Some(ClientEvent::Json(
+                    serde_json::from_str(data).expect("json data"),
+                ));
+            }
+            match self.response.chunk().await.expect("body chunk") {
+                Some(chunk) => self
+                    .buffer
+                    .push_str(std::str::from_utf8(&chunk).expect("utf8")),
+                None => return None,
+            }
+        }
+    }
+
+    /// Everything up to the end of the body.
+    pub async fn collect(mut self) -> Vec<ClientEvent> {
+        let mut events = Vec::new();
+        while let Some(event) = self.next().await {
+            events.push(event);
+        }
+        events
+    }
+
+    /// Gives back the response (to drop it, closing the connection).
+    pub fn into_inner(self) -> reqwest::Response {
+        self.response
+    }
+}
+
+/// The concatenated `delta.content` of `events`.
+pub fn content_of(events: &[ClientEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ClientEvent::Json(v) => v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A client without connection pooling, so dropping a response closes its
+/// connection.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client")
+}
