@@ -101,6 +101,7 @@ impl ServerConfig {
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.listen.parse().map_err(|_| ConfigError::Invalid {
             key: "server.listen".into(),
+            origin: Origin::default(),
             value: self.listen.clone(),
             reason: "not a socket address (expected host:port, e.g. 127.0.0.1:8080)".into(),
         })
@@ -310,10 +311,12 @@ pub enum ConfigError {
         message: String,
     },
     /// A value is well-typed but not acceptable.
-    #[error("config key `{key}` = {value:?}: {reason}")]
+    #[error("config key `{key}`{origin} = {value:?}: {reason}")]
     Invalid {
         /// Dotted path of the key.
         key: String,
+        /// ` (set by SPILLWAY_…)` when the environment set it.
+        origin: Origin,
         /// The offending value.
         value: String,
         /// Why it is rejected.
@@ -380,11 +383,28 @@ impl Config {
                 let key = err.path().to_string();
                 ConfigError::Field {
                     origin: Origin(origins.get(&key).cloned()),
-                    message: err.into_inner().to_string(),
+                    // toml appends "in `key`" on later lines; we name it.
+                    message: err
+                        .into_inner()
+                        .to_string()
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
                     key,
                 }
             })?;
-        config.validate()?;
+        config.validate().map_err(|err| match err {
+            ConfigError::Invalid {
+                key, value, reason, ..
+            } => ConfigError::Invalid {
+                origin: Origin(origins.get(&key).cloned()),
+                key,
+                value,
+                reason,
+            },
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -393,6 +413,7 @@ impl Config {
         self.server.listen_addr()?;
         let invalid = |key: &str, value: &dyn fmt::Display, reason: &str| ConfigError::Invalid {
             key: key.to_owned(),
+            origin: Origin::default(),
             value: value.to_string(),
             reason: reason.to_owned(),
         };

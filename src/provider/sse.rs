@@ -9,26 +9,80 @@
 //!
 //! It also bounds memory: `sse-stream` buffers a whole event before it
 //! yields it, so a hostile or broken upstream could grow that buffer without
-//! limit. We count the bytes fed to the parser since the last block came out
-//! and fail with [`SseError::EventTooLarge`] past the cap. The bound is
-//! therefore "cap plus one network read".
+//! limit. Before a read reaches the parser we scan it for blank lines (the
+//! block boundaries) and count the raw bytes of the block being received
+//! (its lines with their line ends, comments included); past the cap we fail with
+//! [`SseError::EventTooLarge`] before the parser sees the read. The count
+//! does not depend on how the body is split into reads: a read larger than
+//! the cap that holds many small events is fine, and an oversized event
+//! fails however it arrives.
 //!
 //! **Unterminated final block.** The WHATWG rules discard a final block that
 //! is not followed by a blank line, and so do we (`sse-stream` drops it at
-//! EOF, together with its `id`/`retry` fields, which the spec would have
-//! applied to the connection: irrelevant to us, since we never reconnect to
-//! an upstream with `Last-Event-ID`). Adapters therefore judge a reply
+//! EOF, together with its `id`/`retry` fields. The spec would not expose
+//! that `id` either (the last event ID string is only updated when a block
+//! is dispatched), but it would apply that `retry`: irrelevant to us, since
+//! we never reconnect to an upstream). Adapters therefore judge a reply
 //! complete by its finish reason, not by seeing the terminator (`[DONE]`,
 //! `message_stop`): see `docs/providers.md`.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use sse_stream::SseByteStream;
+
+/// Measures the raw size of the SSE block being received, across reads.
+///
+/// A block is its field and comment lines with their line ends; it ends at
+/// a blank line (a line end right after another), which is not counted.
+/// CR, LF and CRLF are line ends; a CRLF split between two reads is one.
+#[derive(Debug)]
+struct BlockMeter {
+    /// Bytes of the current block so far.
+    bytes: usize,
+    /// The previous byte ended a line (or nothing was read yet).
+    at_line_start: bool,
+    /// The previous byte was CR, so an LF now completes that line end.
+    after_cr: bool,
+}
+
+impl Default for BlockMeter {
+    fn default() -> Self {
+        Self {
+            bytes: 0,
+            at_line_start: true,
+            after_cr: false,
+        }
+    }
+}
+
+impl BlockMeter {
+    /// Feeds one read; whether the block being received grew past `limit`.
+    fn exceeds(&mut self, chunk: &[u8], limit: usize) -> bool {
+        for &byte in chunk {
+            let crlf_tail = byte == b'\n' && self.after_cr;
+            self.after_cr = byte == b'\r';
+            let line_end = byte == b'\n' || byte == b'\r';
+            if line_end && self.at_line_start && !crlf_tail {
+                // A blank line ends the block; it belongs to no block.
+                self.bytes = 0;
+                continue;
+            }
+            if crlf_tail && self.bytes == 0 {
+                // The LF of a blank CRLF line.
+                continue;
+            }
+            self.bytes += 1;
+            if self.bytes > limit {
+                return true;
+            }
+            self.at_line_start = line_end;
+        }
+        false
+    }
+}
 
 /// One dispatched event, as an `EventSource` would deliver it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,9 +128,7 @@ type Input = Pin<Box<dyn Stream<Item = Result<Bytes, InputError>> + Send>>;
 pub struct SseDecoder {
     /// The raw block parser, fed through the size-counting adapter.
     blocks: SseByteStream<Input>,
-    /// Bytes fed to the parser since it last yielded a block.
-    pending: Arc<AtomicUsize>,
-    /// The cap on `pending`.
+    /// The cap on one block's size.
     limit: usize,
     /// The connection's last event id buffer.
     last_event_id: String,
@@ -87,7 +139,6 @@ pub struct SseDecoder {
 impl std::fmt::Debug for SseDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SseDecoder")
-            .field("pending", &self.pending.load(Ordering::Relaxed))
             .field("limit", &self.limit)
             .field("last_event_id", &self.last_event_id)
             .field("retry", &self.retry)
@@ -102,22 +153,14 @@ impl SseDecoder {
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
         E: std::error::Error + Send + Sync + 'static,
     {
-        let pending = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&pending);
+        let mut meter = BlockMeter::default();
         let input: Input = Box::pin(body.map(move |chunk| match chunk {
-            Ok(chunk) => {
-                let fed = counter.fetch_add(chunk.len(), Ordering::Relaxed) + chunk.len();
-                if fed > max_event_bytes {
-                    Err(InputError::TooLarge)
-                } else {
-                    Ok(chunk)
-                }
-            }
+            Ok(chunk) if meter.exceeds(&chunk, max_event_bytes) => Err(InputError::TooLarge),
+            Ok(chunk) => Ok(chunk),
             Err(err) => Err(InputError::Upstream(Box::new(err))),
         }));
         Self {
             blocks: SseByteStream::new(input),
-            pending,
             limit: max_event_bytes,
             last_event_id: String::new(),
             retry: None,
@@ -160,7 +203,6 @@ impl Stream for SseDecoder {
                 Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(self.classify(err)))),
                 Poll::Ready(Some(Ok(block))) => block,
             };
-            self.pending.store(0, Ordering::Relaxed);
             if let Some(id) = block.id {
                 self.last_event_id = id;
             }

@@ -431,6 +431,10 @@ pub fn content_of(events: &[ClientEvent]) -> String {
 /// A client without connection pooling, so dropping a response closes its
 /// connection.
 pub fn client() -> reqwest::Client {
+    // reqwest is built without a default crypto backend (see http/mod.rs).
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .ok();
     reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()

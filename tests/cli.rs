@@ -1,0 +1,281 @@
+//! The real binary: `serve` with no config, `check-config`, keys from the
+//! environment (and never in logs), and a SIGTERM drain.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_spillway");
+
+/// A spawned gateway process and everything it logged so far.
+struct Process {
+    child: Child,
+    addr: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Process {
+    /// Spawns `spillway serve` with `args` and `env`, waits for it to listen.
+    async fn serve(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(BIN);
+        command
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("SPILLWAY_LOG_FORMAT", "json")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn spillway");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let addr = loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .expect("gateway logs within 30 s")
+                .unwrap()
+                .expect("gateway exited before listening");
+            log.lock().unwrap().push_str(&line);
+            log.lock().unwrap().push('\n');
+            if let Some(rest) = line.split("http://").nth(1) {
+                break rest
+                    .split(|c: char| c == '"' || c.is_whitespace())
+                    .next()
+                    .unwrap()
+                    .to_owned();
+            }
+        };
+        let sink = std::sync::Arc::clone(&log);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Self { child, addr, log }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+#[tokio::test]
+async fn serve_without_a_config_file_streams_the_mock_model() {
+    let process = Process::serve(&[], &[("SPILLWAY_PROVIDERS_IGNORED", "x")]).await;
+    let models: Value = client()
+        .get(process.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "mock");
+
+    let response = client()
+        .post(process.url("/v1/chat/completions"))
+        .json(&chat_body("mock", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = SseReader::new(response).collect().await;
+    let text = content_of(&events);
+    assert!(
+        text.starts_with("[mock] This reply comes from Spillway's built-in mock provider."),
+        "{text}"
+    );
+    assert_eq!(
+        text.split(' ').count(),
+        48,
+        "the default mock reply is 48 words"
+    );
+    assert_eq!(events.last(), Some(&ClientEvent::Done));
+
+    let page = client()
+        .get(process.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("mock provider"));
+}
+
+#[tokio::test]
+async fn check_config_accepts_the_example_and_rejects_bad_files_by_key() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/spillway.example.toml");
+    let ok = Command::new(BIN)
+        .args(["check-config", example])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    for (text, expected) in [
+        (
+            "[server]\nlisten = \"8080\"\n",
+            ["server.listen", "\"8080\""],
+        ),
+        (
+            "[server]\nheartbeat_secs = \"soon\"\n",
+            ["server.heartbeat_secs", "soon"],
+        ),
+        (
+            "[[models]]\nname = \"x\"\ntargets = [{ provider = \"nope\", model = \"y\" }]\n",
+            ["models[0].targets[0].provider", "nope"],
+        ),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .arg(&path)
+            .env_remove("SPILLWAY_LISTEN")
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for needle in expected {
+            assert!(stderr.contains(needle), "{text}: {stderr}");
+        }
+    }
+    let missing = Command::new(BIN)
+        .args(["check-config", "/nonexistent/spillway.toml"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+}
+
+#[tokio::test]
+async fn provider_key_comes_from_the_environment_and_never_reaches_logs_or_clients() {
+    let upstream = FakeUpstream::start().await;
+    upstream.push(openai_stream(&["ok"], Duration::ZERO));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spillway.toml");
+    let config = openai_config(&upstream).replace(
+        "kind = \"openai\"",
+        "kind = \"openai\"\napi_key_env = \"SPILLWAY_TEST_UPSTREAM_KEY\"",
+    );
+    std::fs::write(&path, config).unwrap();
+    let secret = "sk-live-0123456789abcdef-SECRET";
+    let process = Process::serve(
+        &["--config", path.to_str().unwrap()],
+        &[
+            ("SPILLWAY_TEST_UPSTREAM_KEY", secret),
+            ("SPILLWAY_LOG_LEVEL", "trace"),
+        ],
+    )
+    .await;
+
+    let mut body = chat_body("gpt-test", true);
+    body["messages"][0]["content"] = "my private question about zebras".into();
+    let response = client()
+        .post(process.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let raw = response.text().await.unwrap();
+    assert!(raw.ends_with("data: [DONE]\n\n"));
+    assert!(!raw.contains(secret));
+    let sent = &upstream.requests()[0];
+    assert_eq!(sent.headers["authorization"], format!("Bearer {secret}"));
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = process.log.lock().unwrap().clone();
+    assert!(
+        log.contains("generation started"),
+        "the request was logged: {log}"
+    );
+    assert!(!log.contains(secret), "the key leaked into the log");
+    assert!(
+        !log.contains("zebras"),
+        "message content leaked into the log"
+    );
+}
+
+#[tokio::test]
+async fn serve_refuses_to_start_when_a_key_variable_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spillway.toml");
+    std::fs::write(
+        &path,
+        "[[providers]]\nname = \"openai\"\nkind = \"openai\"\napi_key_env = \"SPILLWAY_TEST_UNSET_KEY\"\n[[models]]\nname = \"m\"\ntargets = [{ provider = \"openai\", model = \"gpt-4o\" }]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .env_remove("SPILLWAY_TEST_UNSET_KEY")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SPILLWAY_TEST_UNSET_KEY"), "{stderr}");
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_running_stream_finish_then_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spillway.toml");
+    std::fs::write(
+        &path,
+        "[[providers]]\nname = \"mock\"\nkind = \"mock\"\nmock_tokens = 20\nmock_token_delay_ms = 25\n[[models]]\nname = \"mock\"\ntargets = [{ provider = \"mock\", model = \"mock\" }]\n",
+    )
+    .unwrap();
+    let mut process = Process::serve(&["--config", path.to_str().unwrap()], &[]).await;
+    let response = client()
+        .post(process.url("/v1/chat/completions"))
+        .json(&chat_body("mock", true))
+        .send()
+        .await
+        .unwrap();
+    let mut reader = SseReader::new(response);
+    let mut events = Vec::new();
+    while content_of(&events).is_empty() {
+        events.push(reader.next().await.unwrap());
+    }
+    let pid = process.child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+
+    events.extend(reader.collect().await);
+    assert_eq!(
+        content_of(&events).split(' ').count(),
+        20,
+        "the stream finished"
+    );
+    assert_eq!(events.last(), Some(&ClientEvent::Done));
+    let status = tokio::time::timeout(Duration::from_secs(20), process.child.wait())
+        .await
+        .expect("exits after draining")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(process.log.lock().unwrap().contains("SIGTERM received"));
+}
