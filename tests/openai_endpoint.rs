@@ -528,3 +528,52 @@ async fn request_id_from_the_client_is_echoed() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["request_id"], "req-123");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_slow_to_answer_still_gets_the_stream_opened_within_a_heartbeat() {
+    let upstream = FakeUpstream::start().await;
+    // No status line for 40 s, then a normal stream.
+    upstream.push(
+        openai_stream(&["slow", " start"], Duration::ZERO).delay_headers(Duration::from_secs(40)),
+    );
+    // No status line for 40 s, then a refusal.
+    upstream.push(
+        Script::json(
+            503,
+            json!({ "error": { "message": "Service overloaded", "type": "server_error" } }),
+        )
+        .delay_headers(Duration::from_secs(40)),
+    );
+    let gateway = TestGateway::openai(&upstream).await;
+
+    let response = client()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&chat_body("gpt-test", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "opened after one heartbeat interval"
+    );
+    let events = SseReader::new(response).collect().await;
+    assert!(matches!(events.first(), Some(ClientEvent::Comment(_))));
+    assert_eq!(content_of(&events), "slow start");
+    assert_eq!(events.last(), Some(&ClientEvent::Done));
+
+    let response = client()
+        .post(gateway.url("/v1/chat/completions"))
+        .json(&chat_body("gpt-test", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = SseReader::new(response).collect().await;
+    assert!(!events.contains(&ClientEvent::Done));
+    let Some(ClientEvent::Json(last)) = events.last() else {
+        panic!("expected an error event, got {events:?}");
+    };
+    assert_eq!(last["error"]["code"], "upstream_unavailable");
+    assert_eq!(last["error"]["message"], "Service overloaded");
+}

@@ -88,14 +88,21 @@ async fn complete(
         stream = delivery.stream,
         "generation started"
     );
-    if let Err(outcome) = subscriber.accepted().await {
-        return Err(ApiError::from(&outcome));
-    }
     if delivery.stream {
+        // Hold the response until the upstream accepts, so an upstream that
+        // refuses still gets its HTTP status to the client; but never leave
+        // the client silent for longer than a heartbeat: past that, open the
+        // stream and let a late refusal arrive as its error event.
         let heartbeat = gateway.config.server.heartbeat();
+        if let Ok(Err(outcome)) = tokio::time::timeout(heartbeat, subscriber.accepted()).await {
+            return Err(ApiError::from(&outcome));
+        }
         let body = sse_body(subscriber, delivery, heartbeat, request_id.to_owned());
         Ok(sse_response(Body::from_stream(body)))
     } else {
+        if let Err(outcome) = subscriber.accepted().await {
+            return Err(ApiError::from(&outcome));
+        }
         collect(subscriber).await
     }
 }

@@ -33,6 +33,8 @@ pub enum Step {
 /// A scripted upstream response.
 #[derive(Debug, Clone)]
 pub struct Script {
+    /// How long the upstream waits before sending its status and headers.
+    pub header_delay: Duration,
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub steps: Vec<Step>,
@@ -42,6 +44,7 @@ impl Script {
     /// A `text/event-stream` 200 with these steps.
     pub fn sse(steps: Vec<Step>) -> Self {
         Self {
+            header_delay: Duration::ZERO,
             status: 200,
             headers: vec![("content-type".into(), "text/event-stream".into())],
             steps,
@@ -57,10 +60,17 @@ impl Script {
     /// A JSON response with `status`.
     pub fn json(status: u16, body: Value) -> Self {
         Self {
+            header_delay: Duration::ZERO,
             status,
             headers: vec![("content-type".into(), "application/json".into())],
             steps: vec![Step::Send(Bytes::from(body.to_string()))],
         }
+    }
+
+    /// Delays the status line and headers by `delay`.
+    pub fn delay_headers(mut self, delay: Duration) -> Self {
+        self.header_delay = delay;
+        self
     }
 
     /// Adds a response header.
@@ -242,6 +252,9 @@ async fn answer(State(state): State<Arc<FakeState>>, request: axum::extract::Req
             .body(Body::from("no script queued"))
             .unwrap();
     };
+    if !script.header_delay.is_zero() {
+        tokio::time::sleep(script.header_delay).await;
+    }
     let mut guard = CloseGuard {
         state: Arc::clone(&state),
         completed: false,
