@@ -1,4 +1,5 @@
 //! Bad input gets a typed error, and leaves other streams untouched.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The real binary: `serve` with no config, `check-config`, keys from the
 //! environment (and never in logs), and a SIGTERM drain.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 mod common;
 

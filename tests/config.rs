@@ -1,5 +1,6 @@
 //! Configuration: defaults, file, environment overrides, and errors that
 //! name the key and value.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::path::Path;
 

@@ -2,6 +2,7 @@
 //! coalescing, resume from any offset, grace and cancellation, bounds.
 //! The upstream is the built-in mock provider (a product feature that
 //! streams deterministic text at a configured pace).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,24 +134,19 @@ async fn frames_never_exceed_the_configured_size() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut text = String::new();
-    loop {
-        match subscriber.read().await {
-            Read::Frames(frames) => {
-                let payload: usize = frames
-                    .iter()
-                    .map(|f| match &f.event {
-                        ProviderEvent::Text(t) => t.len(),
-                        _ => 0,
-                    })
-                    .sum();
-                assert!(payload <= 64, "a read carried {payload} bytes");
-                for frame in frames {
-                    if let ProviderEvent::Text(t) = frame.event {
-                        text.push_str(&t);
-                    }
-                }
+    while let Read::Frames(frames) = subscriber.read().await {
+        let payload: usize = frames
+            .iter()
+            .map(|f| match &f.event {
+                ProviderEvent::Text(t) => t.len(),
+                _ => 0,
+            })
+            .sum();
+        assert!(payload <= 64, "a read carried {payload} bytes");
+        for frame in frames {
+            if let ProviderEvent::Text(t) = frame.event {
+                text.push_str(&t);
             }
-            Read::End(_) => break,
         }
     }
     assert_eq!(text.split(' ').count(), 200);

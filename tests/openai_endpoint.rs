@@ -1,5 +1,6 @@
 //! `POST /v1/chat/completions` and `GET /v1/models` over real sockets,
 //! against the scriptable fake upstream.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The official OpenAI Python SDK, pointed at the gateway's `base_url`,
 //! sees exactly what the upstream sent. `scripts/test.sh` installs the SDK
 //! into `target/test-venv`; `SPILLWAY_TEST_PYTHON` may name another Python.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 mod common;
 

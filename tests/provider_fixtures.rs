@@ -5,6 +5,7 @@
 //! Python script over the reference WHATWG parser) and is written here as a
 //! literal, so a decoding change shows up as a failure. Each transcript is
 //! fed in one read and one byte per read; both must give identical events.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::collections::BTreeMap;
 use std::io;

@@ -8,6 +8,7 @@
 //! fed three ways (one read, one read per byte, 7-byte reads) and all three
 //! must decode identically: line ends, BOMs, multi-byte characters and
 //! `data:` prefixes split across reads must not change a thing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::collections::BTreeSet;
 use std::io;
@@ -36,10 +37,8 @@ fn read_fixture(file: &str) -> Vec<u8> {
 
 fn manifest() -> Vec<Value> {
     let raw = read_fixture("MANIFEST.json");
-    match serde_json::from_slice(&raw).expect("MANIFEST.json is JSON") {
-        Value::Array(entries) => entries,
-        other => panic!("MANIFEST.json is not a list: {other}"),
-    }
+    serde_json::from_slice(&raw)
+        .unwrap_or_else(|err| panic!("MANIFEST.json is not a list of entries: {err}"))
 }
 
 fn manifest_entry(file: &str) -> Value {
@@ -134,16 +133,23 @@ fn event(event: &str, data: &str, last_event_id: &str) -> SseEvent {
     }
 }
 
+/// One entry of `whatwg_expected.events`.
+#[derive(Debug, serde::Deserialize)]
+struct ManifestEvent {
+    event: String,
+    data: String,
+    #[serde(rename = "lastEventId")]
+    last_event_id: String,
+}
+
 fn expected_events(list: &Value) -> Vec<SseEvent> {
-    list.as_array()
-        .expect("whatwg_expected.events is a list")
-        .iter()
-        .map(|e| {
-            event(
-                e["event"].as_str().expect("event is a string"),
-                e["data"].as_str().expect("data is a string"),
-                e["lastEventId"].as_str().expect("lastEventId is a string"),
-            )
+    let list: Vec<ManifestEvent> = serde_json::from_value(list.clone())
+        .unwrap_or_else(|err| panic!("whatwg_expected.events is malformed: {err}"));
+    list.into_iter()
+        .map(|e| SseEvent {
+            event: e.event,
+            data: e.data,
+            last_event_id: e.last_event_id,
         })
         .collect()
 }

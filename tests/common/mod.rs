@@ -1,6 +1,7 @@
 //! The test harness: a scriptable fake upstream (the only fake in the
 //! suite) and helpers to run the real gateway on a random port.
 #![allow(dead_code)] // each test binary uses a different subset
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
