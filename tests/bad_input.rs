@@ -49,12 +49,7 @@ async fn bad_requests_get_typed_errors_while_a_stream_keeps_flowing() {
     let gateway = TestGateway::start_with(config).await;
 
     // A healthy stream runs alongside every bad request.
-    let stream = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&chat_body("gpt-test", true))
-        .send()
-        .await
-        .unwrap();
+    let stream = gateway.post_chat(&chat_body("gpt-test", true)).await;
     let alongside = tokio::spawn(SseReader::new(stream).collect());
 
     let cases: Vec<(&str, Vec<u8>, u16, &str, Value)> = vec![

@@ -17,12 +17,7 @@ async fn streams_tokens_in_order_and_ends_with_done() {
     upstream.push(openai_stream(&tokens, Duration::from_millis(5)));
     let gateway = TestGateway::openai(&upstream).await;
 
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&chat_body("gpt-test", true))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.post_chat(&chat_body("gpt-test", true)).await;
     assert_eq!(response.status(), 200);
     let headers = response.headers().clone();
     assert_eq!(headers["content-type"], "text/event-stream");
@@ -81,19 +76,11 @@ async fn tokens_reach_the_client_while_the_upstream_is_still_streaming() {
     upstream.push(Script::sse(steps));
     let gateway = TestGateway::openai(&upstream).await;
 
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&chat_body("gpt-test", true))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.post_chat(&chat_body("gpt-test", true)).await;
     let mut reader = SseReader::new(response);
     // The upstream is blocked after its first token: the client must see
     // that token now, not when the reply is complete.
-    let mut seen = Vec::new();
-    while content_of(&seen).is_empty() {
-        seen.push(reader.next().await.expect("stream still open"));
-    }
+    let mut seen = reader.until_content().await;
     assert_eq!(content_of(&seen), "first");
     assert!(upstream.closed().is_empty(), "upstream still streaming");
     upstream.release();
@@ -143,27 +130,20 @@ async fn upstream_error_mid_stream_ends_with_an_error_event_and_no_done() {
     ));
     let gateway = TestGateway::openai(&upstream).await;
 
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&chat_body("gpt-test", true))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.post_chat(&chat_body("gpt-test", true)).await;
     assert_eq!(response.status(), 200, "the stream had started");
     let events = SseReader::new(response).collect().await;
     assert!(
         !events.contains(&ClientEvent::Done),
         "never a clean end: {events:?}"
     );
-    let Some(ClientEvent::Json(last)) = events.last() else {
-        panic!("expected a final error event, got {events:?}");
-    };
-    assert_eq!(last["error"]["code"], "upstream_unavailable");
+    let last = final_error(&events);
+    assert_eq!(last["code"], "upstream_unavailable");
     assert_eq!(
-        last["error"]["message"],
+        last["message"],
         "The synthetic provider rejected this streamed request."
     );
-    assert_eq!(last["error"]["retryable"], true);
+    assert_eq!(last["retryable"], true);
     assert!(
         !content_of(&events).is_empty(),
         "the partial text was relayed first"
@@ -178,19 +158,11 @@ async fn upstream_cut_off_before_finishing_is_an_error_not_a_short_answer() {
         openai_text_chunk(" answ"),
     ]));
     let gateway = TestGateway::openai(&upstream).await;
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&chat_body("gpt-test", true))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.post_chat(&chat_body("gpt-test", true)).await;
     let events = SseReader::new(response).collect().await;
     assert_eq!(content_of(&events), "partial answ");
-    assert!(!events.contains(&ClientEvent::Done));
-    let Some(ClientEvent::Json(last)) = events.last() else {
-        panic!("expected an error event, got {events:?}");
-    };
-    assert_eq!(last["error"]["code"], "upstream_protocol_error");
+    let last = final_error(&events);
+    assert_eq!(last["code"], "upstream_protocol_error");
 }
 
 #[tokio::test]
@@ -204,17 +176,9 @@ async fn client_disconnect_closes_the_upstream_connection() {
     upstream.push(Script::sse(steps));
     let gateway = TestGateway::openai(&upstream).await;
 
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&chat_body("gpt-test", true))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.post_chat(&chat_body("gpt-test", true)).await;
     let mut reader = SseReader::new(response);
-    let mut seen = Vec::new();
-    while content_of(&seen).is_empty() {
-        seen.push(reader.next().await.expect("first token"));
-    }
+    reader.until_content().await;
     let disconnected = Instant::now();
     drop(reader);
 
@@ -243,12 +207,7 @@ async fn non_streaming_request_gets_one_completion_with_tool_calls_and_usage() {
     let upstream = FakeUpstream::start().await;
     upstream.push(Script::transcript("openai-chat-parallel-tool-calls.sse"));
     let gateway = TestGateway::openai(&upstream).await;
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&chat_body("gpt-test", false))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.post_chat(&chat_body("gpt-test", false)).await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["object"], "chat.completion");
@@ -376,12 +335,7 @@ targets = [{{ provider = "gone", model = "m" }}]
     );
     let gateway = TestGateway::start(&config).await;
     for stream in [true, false] {
-        let response = client()
-            .post(gateway.url("/v1/chat/completions"))
-            .json(&chat_body("gpt-test", stream))
-            .send()
-            .await
-            .unwrap();
+        let response = gateway.post_chat(&chat_body("gpt-test", stream)).await;
         assert_eq!(response.status(), 502, "stream={stream}");
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], "upstream_unreachable");
@@ -470,12 +424,7 @@ async fn heartbeat_comments_keep_an_idle_stream_alive() {
     steps.extend(openai_finish(1, 1));
     upstream.push(Script::sse(steps));
     let gateway = TestGateway::openai(&upstream).await;
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&chat_body("gpt-test", true))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.post_chat(&chat_body("gpt-test", true)).await;
     let events = SseReader::new(response).collect().await;
     let before_token: Vec<&ClientEvent> = events
         .iter()
@@ -501,12 +450,7 @@ async fn a_stream_from_the_built_in_mock_provider_completes() {
         "[[providers]]\nname = \"mock\"\nkind = \"mock\"\nmock_tokens = 12\nmock_token_delay_ms = 0\n\n[[models]]\nname = \"mock\"\ntargets = [{ provider = \"mock\", model = \"mock\" }]\n",
     )
     .await;
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&chat_body("mock", true))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.post_chat(&chat_body("mock", true)).await;
     let events = SseReader::new(response).collect().await;
     let text = content_of(&events);
     assert!(text.starts_with("[mock] "), "clearly labelled: {text}");
@@ -547,12 +491,7 @@ async fn an_upstream_slow_to_answer_still_gets_the_stream_opened_within_a_heartb
     );
     let gateway = TestGateway::openai(&upstream).await;
 
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&chat_body("gpt-test", true))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.post_chat(&chat_body("gpt-test", true)).await;
     assert_eq!(
         response.status(),
         200,
@@ -563,18 +502,10 @@ async fn an_upstream_slow_to_answer_still_gets_the_stream_opened_within_a_heartb
     assert_eq!(content_of(&events), "slow start");
     assert_eq!(events.last(), Some(&ClientEvent::Done));
 
-    let response = client()
-        .post(gateway.url("/v1/chat/completions"))
-        .json(&chat_body("gpt-test", true))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.post_chat(&chat_body("gpt-test", true)).await;
     assert_eq!(response.status(), 200);
     let events = SseReader::new(response).collect().await;
-    assert!(!events.contains(&ClientEvent::Done));
-    let Some(ClientEvent::Json(last)) = events.last() else {
-        panic!("expected an error event, got {events:?}");
-    };
-    assert_eq!(last["error"]["code"], "upstream_unavailable");
-    assert_eq!(last["error"]["message"], "Service overloaded");
+    let last = final_error(&events);
+    assert_eq!(last["code"], "upstream_unavailable");
+    assert_eq!(last["message"], "Service overloaded");
 }

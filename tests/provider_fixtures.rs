@@ -864,3 +864,107 @@ fn anthropic_request_translation_token_limit_and_tool_choice() {
         json!({"type": "tool", "name": "lookup"})
     );
 }
+
+// ------------------------------------------------- Anthropic edge cases
+
+/// An Anthropic stream built from `(event, data)` pairs.
+fn anthropic_events(events: &[(&str, Value)]) -> Vec<u8> {
+    events
+        .iter()
+        .map(|(name, data)| format!("event: {name}\ndata: {data}\n\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+#[tokio::test]
+async fn anthropic_tool_called_without_parameters_gets_empty_object_arguments() {
+    let bytes = anthropic_events(&[
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {"usage": {"input_tokens": 5, "output_tokens": 1}}}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "tool_use", "id": "toolu_now", "name": "get_time", "input": {}}}),
+        ),
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+        (
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}}),
+        ),
+        ("message_stop", json!({"type": "message_stop"})),
+    ]);
+    let (_, reply) = replay_bytes(Adapter::Anthropic, &bytes).await;
+    assert_eq!(
+        reply.tool_calls,
+        vec![Call::new("toolu_now", "get_time", "{}")]
+    );
+    assert_eq!(reply.finishes, vec![FinishReason::ToolCalls]);
+    assert_eq!(reply.error, None);
+}
+
+#[tokio::test]
+async fn anthropic_server_tool_input_is_not_relayed_as_a_client_tool_call() {
+    let bytes = anthropic_events(&[
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {"usage": {"input_tokens": 5}}}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": "{\"query\":\"rust\"}"}}),
+        ),
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 1,
+            "content_block": {"type": "text", "text": ""}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 1,
+            "delta": {"type": "text_delta", "text": "Found it."}}),
+        ),
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 1}),
+        ),
+        (
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}}),
+        ),
+        ("message_stop", json!({"type": "message_stop"})),
+    ]);
+    let (_, reply) = replay_bytes(Adapter::Anthropic, &bytes).await;
+    assert_eq!(reply.text, "Found it.");
+    assert!(reply.tool_calls.is_empty(), "{:?}", reply.tool_calls);
+    assert_eq!(reply.error, None);
+}
+
+#[test]
+fn anthropic_tools_without_a_description_omit_the_field() {
+    let request: ChatRequest = serde_json::from_value(json!({
+        "model": "claude-haiku-4-5",
+        "messages": [{"role": "user", "content": "What time is it?"}],
+        "tools": [{"type": "function", "function": {"name": "get_time"}}]
+    }))
+    .unwrap();
+    let body = anthropic::translate_request(&request, 1024);
+    assert_eq!(
+        body["tools"],
+        json!([{"name": "get_time", "input_schema": {"type": "object"}}])
+    );
+}

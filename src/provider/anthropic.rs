@@ -82,19 +82,13 @@ impl Provider for AnthropicProvider {
             if let Some(key) = &self.key {
                 call = call.header("x-api-key", key.expose());
             }
-            let response = call
-                .send()
-                .await
-                .map_err(|err| ProviderError::from_transport(&self.name, &err))?;
-            if !response.status().is_success() {
-                return Err(super::error_from_response(
-                    &self.name,
-                    response,
-                    self.max_error_body_bytes,
-                    classify_error_body,
-                )
-                .await);
-            }
+            let response = super::send(
+                &self.name,
+                call,
+                self.max_error_body_bytes,
+                classify_error_body,
+            )
+            .await?;
             Ok(decode_stream(response.bytes_stream(), self.max_event_bytes))
         })
     }
@@ -112,6 +106,15 @@ where
     )
 }
 
+/// A `tool_use` block being streamed.
+#[derive(Debug, Clone, Copy)]
+struct ToolBlock {
+    /// The call's index among the reply's tool calls.
+    index: u32,
+    /// Whether any argument text has been emitted for it.
+    has_arguments: bool,
+}
+
 /// The per-stream state of the event decoder.
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
@@ -119,8 +122,8 @@ pub struct StreamDecoder {
     prompt_tokens: u64,
     /// Cache reads from `message_start`.
     cached_prompt_tokens: Option<u64>,
-    /// Content block index → tool call index, for `tool_use` blocks.
-    tool_blocks: HashMap<u32, u32>,
+    /// Content block index → its tool call, for `tool_use` blocks.
+    tool_blocks: HashMap<u32, ToolBlock>,
     /// Stop reason seen in `message_delta`.
     finished: bool,
     /// `message_stop` seen.
@@ -149,7 +152,6 @@ impl WireDecoder for StreamDecoder {
             } => match content_block {
                 Block::ToolUse { id, name, input } => {
                     let tool_index = u32::try_from(self.tool_blocks.len()).unwrap_or(u32::MAX);
-                    self.tool_blocks.insert(index, tool_index);
                     // Streams open tool blocks with `input: {}` and send the
                     // arguments as deltas; a block that already carries its
                     // input (non-empty) gets it as the first fragment.
@@ -159,6 +161,13 @@ impl WireDecoder for StreamDecoder {
                         }
                         _ => String::new(),
                     };
+                    self.tool_blocks.insert(
+                        index,
+                        ToolBlock {
+                            index: tool_index,
+                            has_arguments: !arguments.is_empty(),
+                        },
+                    );
                     events.push(ProviderEvent::ToolCall(ToolCallDelta {
                         index: tool_index,
                         id: Some(id),
@@ -181,16 +190,18 @@ impl WireDecoder for StreamDecoder {
                 BlockDelta::ThinkingDelta { thinking } if !thinking.is_empty() => {
                     events.push(ProviderEvent::Reasoning(thinking));
                 }
+                // Input of blocks that are not client tool calls (server
+                // tools run by Anthropic) is not relayed.
                 BlockDelta::InputJsonDelta { partial_json } if !partial_json.is_empty() => {
-                    let tool_index = self.tool_blocks.get(&index).copied().ok_or_else(|| {
-                        ProviderError::protocol("input_json_delta for a block that is not tool_use")
-                    })?;
-                    events.push(ProviderEvent::ToolCall(ToolCallDelta {
-                        index: tool_index,
-                        id: None,
-                        name: None,
-                        arguments: partial_json,
-                    }));
+                    if let Some(block) = self.tool_blocks.get_mut(&index) {
+                        block.has_arguments = true;
+                        events.push(ProviderEvent::ToolCall(ToolCallDelta {
+                            index: block.index,
+                            id: None,
+                            name: None,
+                            arguments: partial_json,
+                        }));
+                    }
                 }
                 _ => {}
             },
@@ -221,7 +232,20 @@ impl WireDecoder for StreamDecoder {
                 }
             }
             WireEvent::Error { error } => return Err(in_band_error(&error)),
-            WireEvent::ContentBlockStop | WireEvent::Ping | WireEvent::Other => {}
+            // A tool called without parameters streams no input at all;
+            // OpenAI clients parse the arguments as JSON, so send `{}`.
+            WireEvent::ContentBlockStop { index } => {
+                if let Some(block) = self.tool_blocks.get(&index)
+                    && !block.has_arguments
+                {
+                    events.push(ProviderEvent::ToolCall(ToolCallDelta {
+                        index: block.index,
+                        arguments: "{}".to_owned(),
+                        ..ToolCallDelta::default()
+                    }));
+                }
+            }
+            WireEvent::Ping | WireEvent::Other => {}
         }
         Ok(events)
     }
@@ -358,12 +382,17 @@ pub fn translate_request(request: &ChatRequest, default_max_tokens: u32) -> Valu
         let tools: Vec<Value> = tools
             .iter()
             .map(|tool| {
-                json!({
+                let mut decl = json!({
                     "name": tool.function.name,
-                    "description": tool.function.description,
                     "input_schema": tool.function.parameters.clone()
                         .unwrap_or_else(|| json!({ "type": "object" })),
-                })
+                });
+                if let (Some(description), Some(map)) =
+                    (&tool.function.description, decl.as_object_mut())
+                {
+                    map.insert("description".into(), json!(description));
+                }
+                decl
             })
             .collect();
         body.insert("tools".into(), Value::Array(tools));
@@ -434,7 +463,10 @@ enum WireEvent {
         index: u32,
         delta: BlockDelta,
     },
-    ContentBlockStop,
+    ContentBlockStop {
+        #[serde(default)]
+        index: u32,
+    },
     MessageDelta {
         delta: MessageDelta,
         #[serde(default)]

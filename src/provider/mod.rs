@@ -353,9 +353,28 @@ pub(crate) fn http_client(
         })
 }
 
+/// Sends an upstream request: resolves with a 2xx response (status and
+/// headers read, body not yet), or the classified failure.
+pub(crate) async fn send(
+    provider: &str,
+    call: reqwest::RequestBuilder,
+    max_error_body_bytes: usize,
+    classify_body: fn(&serde_json::Value, ErrorClass) -> Option<(ErrorClass, String)>,
+) -> Result<reqwest::Response, ProviderError> {
+    let response = call
+        .send()
+        .await
+        .map_err(|err| ProviderError::from_transport(provider, &err))?;
+    if response.status().is_success() {
+        Ok(response)
+    } else {
+        Err(error_from_response(provider, response, max_error_body_bytes, classify_body).await)
+    }
+}
+
 /// Turns a non-2xx upstream response into a classified error, reading at
 /// most `limit` bytes of its body for the provider's reason.
-pub(crate) async fn error_from_response(
+async fn error_from_response(
     provider: &str,
     response: reqwest::Response,
     limit: usize,

@@ -83,19 +83,13 @@ impl Provider for OpenAiProvider {
             if let Some(key) = &self.key {
                 call = call.bearer_auth(key.expose());
             }
-            let response = call
-                .send()
-                .await
-                .map_err(|err| ProviderError::from_transport(&self.name, &err))?;
-            if !response.status().is_success() {
-                return Err(super::error_from_response(
-                    &self.name,
-                    response,
-                    self.max_error_body_bytes,
-                    classify_error_body,
-                )
-                .await);
-            }
+            let response = super::send(
+                &self.name,
+                call,
+                self.max_error_body_bytes,
+                classify_error_body,
+            )
+            .await?;
             let is_json = response
                 .headers()
                 .get(http::header::CONTENT_TYPE)

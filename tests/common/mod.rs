@@ -327,6 +327,16 @@ impl TestGateway {
         format!("http://{}{path}", self.addr)
     }
 
+    /// `POST /v1/chat/completions` with `body`.
+    pub async fn post_chat(&self, body: &Value) -> reqwest::Response {
+        client()
+            .post(self.url("/v1/chat/completions"))
+            .json(body)
+            .send()
+            .await
+            .expect("gateway answers")
+    }
+
     /// Asks the server to drain and waits for it to stop.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -414,6 +424,19 @@ impl SseReader {
         }
     }
 
+    /// Reads until some `delta.content` has arrived; returns what it read.
+    pub async fn until_content(&mut self) -> Vec<ClientEvent> {
+        let mut seen = Vec::new();
+        while content_of(&seen).is_empty() {
+            seen.push(
+                self.next()
+                    .await
+                    .expect("stream open until the first token"),
+            );
+        }
+        seen
+    }
+
     /// Everything up to the end of the body.
     pub async fn collect(mut self) -> Vec<ClientEvent> {
         let mut events = Vec::new();
@@ -453,4 +476,17 @@ pub fn client() -> reqwest::Client {
         .pool_max_idle_per_host(0)
         .build()
         .expect("client")
+}
+
+/// The final event of a stream that failed: its `error` object. Panics
+/// (failing the test) when the stream ended any other way.
+pub fn final_error(events: &[ClientEvent]) -> &Value {
+    assert!(
+        !events.contains(&ClientEvent::Done),
+        "a failed stream has no [DONE]: {events:?}"
+    );
+    match events.last() {
+        Some(ClientEvent::Json(last)) if last.get("error").is_some() => &last["error"],
+        other => panic!("expected a final error event, got {other:?}"),
+    }
 }
