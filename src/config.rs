@@ -256,6 +256,8 @@ pub enum ProviderKind {
     Openai,
     /// Anthropic Messages.
     Anthropic,
+    /// Google Gemini (`streamGenerateContent?alt=sse`).
+    Gemini,
     /// The built-in demo provider.
     Mock,
 }

@@ -253,10 +253,10 @@ impl WireDecoder for StreamDecoder {
     /// The body ended. A reply whose `message_delta` carried a stop reason
     /// is complete even if `message_stop` was lost (e.g. a final event
     /// without its blank line, which SSE discards).
-    fn on_eof(&mut self) -> Result<(), ProviderError> {
+    fn on_eof(&mut self) -> Result<Vec<ProviderEvent>, ProviderError> {
         self.done = true;
         if self.finished {
-            Ok(())
+            Ok(Vec::new())
         } else {
             Err(ProviderError::protocol(
                 "upstream stream ended before the reply finished",

@@ -4,6 +4,8 @@
 //! - [`openai`]: OpenAI chat completions, which also covers vLLM, Ollama's
 //!   `/v1`, Groq, OpenRouter and every other OpenAI-compatible server;
 //! - [`anthropic`]: the Anthropic Messages API;
+//! - [`gemini`]: Google Gemini `streamGenerateContent` (Developer API and
+//!   Vertex AI);
 //! - [`mock`]: the built-in demo / load-test provider (no network);
 //! - [`sse`]: upstream Server-Sent Events decoding (WHATWG semantics over
 //!   `sse-stream`, with our own cap on event size).
@@ -12,6 +14,7 @@
 //! returns a stream of events. Everything HTTP-edge-shaped lives in `http/`.
 
 pub mod anthropic;
+pub mod gemini;
 pub mod mock;
 pub mod openai;
 pub mod request;
@@ -276,6 +279,7 @@ pub fn build(
         ProviderKind::Mock => Arc::new(mock::MockProvider::new(config)),
         ProviderKind::Openai => Arc::new(openai::OpenAiProvider::new(config, upstream)?),
         ProviderKind::Anthropic => Arc::new(anthropic::AnthropicProvider::new(config, upstream)?),
+        ProviderKind::Gemini => Arc::new(gemini::GeminiProvider::new(config, upstream)?),
     };
     Ok(provider)
 }
@@ -450,8 +454,9 @@ pub(crate) fn class_from_error_type(kind: &str, fallback: ErrorClass) -> ErrorCl
 pub(crate) trait WireDecoder: Send + 'static {
     /// Decodes one upstream event (possibly into none or several).
     fn on_event(&mut self, event: &SseEvent) -> Result<Vec<ProviderEvent>, ProviderError>;
-    /// The upstream body ended; errors if the reply was cut off.
-    fn on_eof(&mut self) -> Result<(), ProviderError>;
+    /// The upstream body ended: the last events (formats without a
+    /// terminator finish here), or an error if the reply was cut off.
+    fn on_eof(&mut self) -> Result<Vec<ProviderEvent>, ProviderError>;
     /// Whether the decoder has seen the end of the reply; later events are
     /// not read (the stream ends there).
     fn is_over(&self) -> bool;
@@ -466,7 +471,7 @@ pub(crate) fn event_stream<D: WireDecoder>(sse: SseDecoder, decoder: D) -> Event
             let decoded = match sse.next().await {
                 Some(Ok(event)) => decoder.on_event(&event),
                 Some(Err(err)) => Err(from_sse_error(err)),
-                None => decoder.on_eof().map(|()| Vec::new()),
+                None => decoder.on_eof(),
             };
             match decoded {
                 Ok(events) if events.is_empty() && !decoder.is_over() => continue,

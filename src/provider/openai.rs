@@ -173,10 +173,10 @@ impl WireDecoder for StreamDecoder {
     /// The body ended. A reply that finished is complete even without
     /// `[DONE]` (the terminator adds nothing once the finish reason is
     /// known); one that did not finish was cut off.
-    fn on_eof(&mut self) -> Result<(), ProviderError> {
+    fn on_eof(&mut self) -> Result<Vec<ProviderEvent>, ProviderError> {
         self.done = true;
         if self.finished {
-            Ok(())
+            Ok(Vec::new())
         } else {
             Err(ProviderError::protocol(
                 "upstream stream ended before the reply finished",
