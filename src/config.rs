@@ -42,6 +42,12 @@ pub struct Config {
     pub generation: GenerationConfig,
     /// HTTP settings shared by every network provider.
     pub upstream: UpstreamConfig,
+    /// Retries, timeouts and fail-over along a model's targets.
+    pub routing: RoutingConfig,
+    /// The circuit breaker every target has.
+    pub breaker: BreakerSection,
+    /// Prices per upstream model, for the cost of each reply.
+    pub pricing: Vec<PriceConfig>,
     /// Upstreams, referenced by name from `models`.
     pub providers: Vec<ProviderConfig>,
     /// Model names clients may ask for, each mapped to provider targets.
@@ -55,6 +61,9 @@ impl Default for Config {
             log: LogConfig::default(),
             generation: GenerationConfig::default(),
             upstream: UpstreamConfig::default(),
+            routing: RoutingConfig::default(),
+            breaker: BreakerSection::default(),
+            pricing: Vec::new(),
             providers: vec![ProviderConfig {
                 name: "mock".into(),
                 kind: ProviderKind::Mock,
@@ -62,10 +71,8 @@ impl Default for Config {
             }],
             models: vec![ModelConfig {
                 name: "mock".into(),
-                targets: vec![TargetConfig {
-                    provider: "mock".into(),
-                    model: "mock".into(),
-                }],
+                targets: vec![TargetConfig::new("mock", "mock")],
+                fallback_on: Vec::new(),
             }],
         }
     }
@@ -212,6 +219,94 @@ impl UpstreamConfig {
     }
 }
 
+/// `[routing]`: how a request moves along a model's targets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Most upstream attempts for one request, over all targets.
+    pub max_attempts: u32,
+    /// Retries on the same target (before failing over) for a 429, a 5xx
+    /// or a reset. Timeouts are never retried on the same target.
+    pub retries_per_target: u32,
+    /// First retry delay in milliseconds; doubles per retry, with jitter.
+    pub backoff_base_ms: u64,
+    /// Largest retry delay in milliseconds.
+    pub backoff_max_ms: u64,
+    /// Longest `Retry-After` (milliseconds) worth waiting for; a longer one
+    /// fails over to the next target instead.
+    pub max_retry_after_ms: u64,
+    /// Retries allowed per request, over the budget window (0.2 = 20 %).
+    pub retry_budget_ratio: f64,
+    /// Retries always allowed per budget window, however few requests.
+    pub retry_budget_min: u32,
+    /// Seconds of the retry budget's rolling window.
+    pub retry_budget_window_secs: u64,
+    /// Default milliseconds from an attempt's start to its first token.
+    pub ttft_timeout_ms: u64,
+    /// Default longest silence (milliseconds) between events mid-stream.
+    pub idle_timeout_ms: u64,
+    /// Default longest duration (milliseconds) of one attempt.
+    pub deadline_ms: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 4,
+            retries_per_target: 2,
+            backoff_base_ms: 250,
+            backoff_max_ms: 4_000,
+            max_retry_after_ms: 10_000,
+            retry_budget_ratio: 0.2,
+            retry_budget_min: 10,
+            retry_budget_window_secs: 10,
+            ttft_timeout_ms: 30_000,
+            idle_timeout_ms: 30_000,
+            deadline_ms: 600_000,
+        }
+    }
+}
+
+/// `[breaker]`: every target's circuit breaker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerSection {
+    /// Seconds of the rolling window outcomes are counted over.
+    pub window_secs: u64,
+    /// Fewest calls in the window before the breaker may open.
+    pub min_requests: u32,
+    /// Failure ratio (0-1] at which it opens.
+    pub failure_ratio: f64,
+    /// Seconds an open breaker waits before letting probes through.
+    pub cooldown_secs: u64,
+    /// Probes allowed at once while half-open.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerSection {
+    fn default() -> Self {
+        Self {
+            window_secs: 30,
+            min_requests: 5,
+            failure_ratio: 0.5,
+            cooldown_secs: 15,
+            half_open_probes: 1,
+        }
+    }
+}
+
+/// One `[[pricing]]` entry: the price of an upstream model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// The upstream model name (as in `targets[].model`).
+    pub model: String,
+    /// USD per million prompt tokens.
+    pub input_per_million: f64,
+    /// USD per million completion tokens.
+    pub output_per_million: f64,
+}
+
 /// One `[[providers]]` entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -226,6 +321,9 @@ pub struct ProviderConfig {
     /// Environment variable holding the API key; unset for keyless local
     /// servers. Keys never go in the file.
     pub api_key_env: Option<String>,
+    /// Milliseconds to connect to this provider (default:
+    /// `upstream.connect_timeout_ms`).
+    pub connect_timeout_ms: Option<u64>,
     /// `max_tokens` sent to Anthropic when the client set none.
     pub default_max_tokens: u32,
     /// Mock only: words per reply.
@@ -241,6 +339,7 @@ impl Default for ProviderConfig {
             kind: ProviderKind::Openai,
             base_url: None,
             api_key_env: None,
+            connect_timeout_ms: None,
             default_max_tokens: 4096,
             mock_tokens: 48,
             mock_token_delay_ms: 40,
@@ -268,11 +367,29 @@ pub enum ProviderKind {
 pub struct ModelConfig {
     /// The name clients ask for.
     pub name: String,
-    /// Providers that can serve it, in order of preference.
+    /// Providers that can serve it, in order of preference: a fallback
+    /// chain.
     pub targets: Vec<TargetConfig>,
+    /// Errors retrying cannot fix that should still fail over to the next
+    /// target (e.g. `context_length` to a larger-context model). By default
+    /// such errors end the request with the provider's reason.
+    #[serde(default)]
+    pub fallback_on: Vec<FallbackOn>,
 }
 
-/// A (provider, upstream model) pair.
+/// A class of non-retryable error that may fail over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackOn {
+    /// The prompt does not fit the model's context window.
+    ContextLength,
+    /// The provider refused on content-policy grounds.
+    ContentPolicy,
+    /// Any other 4xx rejection of the request.
+    InvalidRequest,
+}
+
+/// A (provider, upstream model) pair, with its routing knobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
@@ -280,6 +397,46 @@ pub struct TargetConfig {
     pub provider: String,
     /// The model name the provider knows.
     pub model: String,
+    /// Targets of one tier share load by `weight`; lower tiers are tried
+    /// first. Default: the target's position, so the list is a plain chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<u32>,
+    /// Share of its tier's requests (relative, at least 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Whether this target accepts an assistant prefill, so a reply cut
+    /// mid-answer elsewhere can be continued here seamlessly.
+    #[serde(default)]
+    pub prefill: bool,
+    /// Milliseconds to first token (default: `routing.ttft_timeout_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_timeout_ms: Option<u64>,
+    /// Longest silence mid-stream (default: `routing.idle_timeout_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Longest attempt (default: `routing.deadline_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+}
+
+impl TargetConfig {
+    /// A plain target with default knobs.
+    pub fn new(provider: &str, model: &str) -> Self {
+        Self {
+            provider: provider.to_owned(),
+            model: model.to_owned(),
+            tier: None,
+            weight: 1,
+            prefill: false,
+            ttft_timeout_ms: None,
+            idle_timeout_ms: None,
+            deadline_ms: None,
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Why a configuration was rejected.
@@ -462,6 +619,63 @@ impl Config {
             ));
         }
 
+        let routing = &self.routing;
+        if routing.max_attempts == 0 {
+            return Err(invalid("routing.max_attempts", &0, "must be at least 1"));
+        }
+        if routing.backoff_base_ms == 0 || routing.backoff_max_ms < routing.backoff_base_ms {
+            return Err(invalid(
+                "routing.backoff_max_ms",
+                &routing.backoff_max_ms,
+                "must be at least routing.backoff_base_ms, which must be positive",
+            ));
+        }
+        if !(0.0..=10.0).contains(&routing.retry_budget_ratio) {
+            return Err(invalid(
+                "routing.retry_budget_ratio",
+                &routing.retry_budget_ratio,
+                "must be between 0 and 10",
+            ));
+        }
+        for (key, value) in [
+            (
+                "routing.retry_budget_window_secs",
+                routing.retry_budget_window_secs,
+            ),
+            ("routing.ttft_timeout_ms", routing.ttft_timeout_ms),
+            ("routing.idle_timeout_ms", routing.idle_timeout_ms),
+            ("routing.deadline_ms", routing.deadline_ms),
+            ("breaker.window_secs", self.breaker.window_secs),
+            ("breaker.cooldown_secs", self.breaker.cooldown_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, &0, "must be positive"));
+            }
+        }
+        if !(self.breaker.failure_ratio > 0.0 && self.breaker.failure_ratio <= 1.0) {
+            return Err(invalid(
+                "breaker.failure_ratio",
+                &self.breaker.failure_ratio,
+                "must be in (0, 1]",
+            ));
+        }
+        if self.breaker.half_open_probes == 0 {
+            return Err(invalid(
+                "breaker.half_open_probes",
+                &0,
+                "must be at least 1",
+            ));
+        }
+        for (i, price) in self.pricing.iter().enumerate() {
+            if !(price.input_per_million >= 0.0 && price.output_per_million >= 0.0) {
+                return Err(invalid(
+                    &format!("pricing[{i}]"),
+                    &price.model,
+                    "prices must be zero or positive",
+                ));
+            }
+        }
+
         let mut providers = HashMap::new();
         for (i, provider) in self.providers.iter().enumerate() {
             let key = format!("providers[{i}].name");
@@ -516,6 +730,26 @@ impl Config {
                         &target.provider,
                         "no provider has this name",
                     ));
+                }
+                if target.weight == 0 {
+                    return Err(invalid(
+                        &format!("models[{i}].targets[{j}].weight"),
+                        &0,
+                        "must be at least 1",
+                    ));
+                }
+                for (field, value) in [
+                    ("ttft_timeout_ms", target.ttft_timeout_ms),
+                    ("idle_timeout_ms", target.idle_timeout_ms),
+                    ("deadline_ms", target.deadline_ms),
+                ] {
+                    if value == Some(0) {
+                        return Err(invalid(
+                            &format!("models[{i}].targets[{j}].{field}"),
+                            &0,
+                            "must be positive",
+                        ));
+                    }
                 }
             }
         }

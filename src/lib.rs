@@ -13,13 +13,15 @@
 //! - [`http`]: the axum router and one file per surface (the
 //!   OpenAI-compatible API in `http/openai.rs`, static assets);
 //! - [`error`]: `ApiError`, the edge type every handler returns;
-//! - [`routing`]: model name → provider targets;
+//! - [`routing`]: model name → provider targets; retries, fail-over,
+//!   continuation of cut replies, timeouts, circuit breakers;
 //! - [`generation`]: the heart: one in-flight reply as an append-only event
 //!   log that subscribers read through cursors, with coalescing, grace and
 //!   cancellation;
 //! - [`provider`]: one adapter per upstream wire format (OpenAI-compatible,
 //!   Anthropic, the built-in mock), upstream SSE decoding, the normalized
 //!   `ProviderEvent`;
+//! - [`usage`]: tokens and cost of every reply, on every outcome;
 //! - [`config`]: typed TOML + `SPILLWAY_*` environment configuration;
 //! - [`telemetry`]: tracing setup;
 //! - [`shutdown`]: the signal that starts a graceful drain.
@@ -32,3 +34,4 @@ pub mod provider;
 pub mod routing;
 pub mod shutdown;
 pub mod telemetry;
+pub mod usage;

@@ -7,20 +7,39 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use spillway::config::{GenerationConfig, ProviderConfig, ProviderKind};
+use std::path::Path;
+
+use spillway::config::{Config, GenerationConfig};
 use spillway::generation::{
     CancelReason, Outcome, Read, Registry, RegistryError, StartOptions, Subscriber,
 };
-use spillway::provider::{ChatRequest, Provider, ProviderEvent, mock::MockProvider};
+use spillway::provider::{ChatRequest, ProviderEvent};
+use spillway::routing::{AfterCommit, Route, Router};
+use spillway::usage::Pricing;
 
-fn mock(tokens: u32, delay_ms: u64) -> Arc<dyn Provider> {
-    Arc::new(MockProvider::new(&ProviderConfig {
-        name: "mock".into(),
-        kind: ProviderKind::Mock,
-        mock_tokens: tokens,
-        mock_token_delay_ms: delay_ms,
-        ..ProviderConfig::default()
-    }))
+/// The mock provider behind a one-target route, as the gateway builds it.
+struct Mock {
+    router: Arc<Router>,
+    route: Arc<Route>,
+}
+
+fn mock(tokens: u32, delay_ms: u64) -> Mock {
+    let toml = format!(
+        "[[providers]]\nname = \"mock\"\nkind = \"mock\"\nmock_tokens = {tokens}\nmock_token_delay_ms = {delay_ms}\n\
+         [[models]]\nname = \"mock\"\ntargets = [{{ provider = \"mock\", model = \"mock\" }}]\n"
+    );
+    let config = Config::parse(&toml, Path::new("test.toml"), Vec::new()).unwrap();
+    let router = Arc::new(Router::from_config(&config).unwrap());
+    let route = router.route("mock").unwrap();
+    Mock { router, route }
+}
+
+fn start(
+    registry: &Arc<Registry>,
+    mock: Mock,
+    options: StartOptions,
+) -> Result<Subscriber, RegistryError> {
+    registry.start(&mock.router, mock.route, request(), options)
 }
 
 fn request() -> ChatRequest {
@@ -32,12 +51,13 @@ fn request() -> ChatRequest {
 }
 
 fn registry(config: GenerationConfig) -> Arc<Registry> {
-    Arc::new(Registry::new(config))
+    Arc::new(Registry::new(config, Pricing::default()))
 }
 
 const KEEP: StartOptions = StartOptions {
     grace: Duration::from_secs(5),
     retain: Duration::from_secs(60),
+    after_commit: AfterCommit::Continue,
 };
 
 /// Reads to the end; returns (text, frames read, outcome).
@@ -65,9 +85,7 @@ async fn drain(subscriber: &mut Subscriber) -> (String, usize, Outcome) {
 #[tokio::test(start_paused = true)]
 async fn a_late_subscriber_replays_the_same_text_from_any_offset() {
     let registry = registry(GenerationConfig::default());
-    let mut first = registry
-        .start("mock", mock(30, 10), request(), KEEP)
-        .unwrap();
+    let mut first = start(&registry, mock(30, 10), KEEP).unwrap();
     let (whole, _, outcome) = drain(&mut first).await;
     assert_eq!(outcome, Outcome::Complete);
     let generation = Arc::clone(first.generation());
@@ -105,9 +123,7 @@ async fn a_late_subscriber_replays_the_same_text_from_any_offset() {
 #[tokio::test(start_paused = true)]
 async fn a_slow_reader_gets_fewer_larger_frames_with_the_same_text() {
     let registry = registry(GenerationConfig::default());
-    let mut fast = registry
-        .start("mock", mock(40, 10), request(), KEEP)
-        .unwrap();
+    let mut fast = start(&registry, mock(40, 10), KEEP).unwrap();
     let mut slow = fast.generation().subscribe(0);
     let fast_reader = tokio::spawn(async move { drain(&mut fast).await });
     // The slow reader does not read until the reply is complete.
@@ -129,9 +145,7 @@ async fn frames_never_exceed_the_configured_size() {
         ..GenerationConfig::default()
     };
     let registry = registry(config);
-    let mut subscriber = registry
-        .start("mock", mock(200, 0), request(), KEEP)
-        .unwrap();
+    let mut subscriber = start(&registry, mock(200, 0), KEEP).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut text = String::new();
     while let Read::Frames(frames) = subscriber.read().await {
@@ -155,9 +169,7 @@ async fn frames_never_exceed_the_configured_size() {
 #[tokio::test(start_paused = true)]
 async fn a_subscriber_back_within_the_grace_period_keeps_the_reply_alive() {
     let registry = registry(GenerationConfig::default());
-    let subscriber = registry
-        .start("mock", mock(100, 100), request(), KEEP)
-        .unwrap();
+    let subscriber = start(&registry, mock(100, 100), KEEP).unwrap();
     let generation = Arc::clone(subscriber.generation());
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(subscriber);
@@ -173,9 +185,7 @@ async fn a_subscriber_back_within_the_grace_period_keeps_the_reply_alive() {
 #[tokio::test(start_paused = true)]
 async fn the_reply_is_cancelled_when_nobody_returns_within_the_grace_period() {
     let registry = registry(GenerationConfig::default());
-    let subscriber = registry
-        .start("mock", mock(1000, 100), request(), KEEP)
-        .unwrap();
+    let subscriber = start(&registry, mock(1000, 100), KEEP).unwrap();
     let generation = Arc::clone(subscriber.generation());
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(subscriber);
@@ -200,10 +210,9 @@ async fn zero_grace_cancels_as_soon_as_the_last_subscriber_leaves() {
     let options = StartOptions {
         grace: Duration::ZERO,
         retain: Duration::ZERO,
+        after_commit: AfterCommit::Continue,
     };
-    let subscriber = registry
-        .start("mock", mock(1000, 100), request(), options)
-        .unwrap();
+    let subscriber = start(&registry, mock(1000, 100), options).unwrap();
     let generation = Arc::clone(subscriber.generation());
     let second = generation.subscribe(0);
     drop(subscriber);
@@ -227,9 +236,7 @@ async fn zero_grace_cancels_as_soon_as_the_last_subscriber_leaves() {
 #[tokio::test(start_paused = true)]
 async fn an_explicit_cancel_ends_every_reader_with_cancelled() {
     let registry = registry(GenerationConfig::default());
-    let mut subscriber = registry
-        .start("mock", mock(1000, 100), request(), KEEP)
-        .unwrap();
+    let mut subscriber = start(&registry, mock(1000, 100), KEEP).unwrap();
     let generation = Arc::clone(subscriber.generation());
     tokio::time::sleep(Duration::from_secs(1)).await;
     generation.cancel(CancelReason::Requested);
@@ -245,9 +252,7 @@ async fn a_reply_over_the_size_bound_fails_with_reply_too_large() {
         ..GenerationConfig::default()
     };
     let registry = registry(config);
-    let mut subscriber = registry
-        .start("mock", mock(500, 0), request(), KEEP)
-        .unwrap();
+    let mut subscriber = start(&registry, mock(500, 0), KEEP).unwrap();
     let (text, _, outcome) = drain(&mut subscriber).await;
     assert!(text.len() <= 100, "{}", text.len());
     let Outcome::Failed(err) = outcome else {
@@ -263,8 +268,8 @@ async fn the_registry_is_bounded_and_forgets_after_the_resume_window() {
         ..GenerationConfig::default()
     };
     let registry = registry(config);
-    let mut first = registry.start("mock", mock(3, 0), request(), KEEP).unwrap();
-    let refused = registry.start("mock", mock(3, 0), request(), KEEP);
+    let mut first = start(&registry, mock(3, 0), KEEP).unwrap();
+    let refused = start(&registry, mock(3, 0), KEEP);
     assert!(matches!(refused, Err(RegistryError::Full { limit: 1 })));
     let id = first.generation().id();
     drain(&mut first).await;
@@ -273,21 +278,19 @@ async fn the_registry_is_bounded_and_forgets_after_the_resume_window() {
     assert!(registry.get(id).is_some(), "resumable within the window");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(registry.get(id).is_none(), "forgotten after the window");
-    assert!(registry.start("mock", mock(3, 0), request(), KEEP).is_ok());
+    assert!(start(&registry, mock(3, 0), KEEP).is_ok());
 }
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_cancels_running_generations_and_refuses_new_ones() {
     let registry = registry(GenerationConfig::default());
-    let mut subscriber = registry
-        .start("mock", mock(1000, 100), request(), KEEP)
-        .unwrap();
+    let mut subscriber = start(&registry, mock(1000, 100), KEEP).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     registry.shutdown(Duration::from_secs(5)).await;
     let (_, _, outcome) = drain(&mut subscriber).await;
     assert_eq!(outcome, Outcome::Cancelled(CancelReason::Shutdown));
     assert!(matches!(
-        registry.start("mock", mock(1, 0), request(), KEEP),
+        start(&registry, mock(1, 0), KEEP),
         Err(RegistryError::ShuttingDown)
     ));
 }

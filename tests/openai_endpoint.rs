@@ -211,7 +211,7 @@ async fn non_streaming_request_gets_one_completion_with_tool_calls_and_usage() {
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["object"], "chat.completion");
-    assert_eq!(body["model"], "gpt-test");
+    assert_eq!(body["model"], "fake-model");
     let choice = &body["choices"][0];
     assert_eq!(choice["finish_reason"], "tool_calls");
     assert_eq!(choice["message"]["role"], "assistant");
@@ -489,7 +489,12 @@ async fn an_upstream_slow_to_answer_still_gets_the_stream_opened_within_a_heartb
         )
         .delay_headers(Duration::from_secs(40)),
     );
-    let gateway = TestGateway::openai(&upstream).await;
+    // A first-token limit above the delay, and no retries, so the 503 is
+    // the answer.
+    let mut config = test_config(&openai_config(&upstream));
+    config.routing.ttft_timeout_ms = 120_000;
+    config.routing.retries_per_target = 0;
+    let gateway = TestGateway::start_with(config).await;
 
     let response = gateway.post_chat(&chat_body("gpt-test", true)).await;
     assert_eq!(

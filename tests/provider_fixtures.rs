@@ -147,6 +147,7 @@ fn assemble(events: &[ProviderEvent], error: Option<ProviderError>) -> Reply {
             },
             ProviderEvent::Usage(usage) => reply.usages.push(*usage),
             ProviderEvent::Finish(reason) => reply.finishes.push(reason.clone()),
+            ProviderEvent::Restart => panic!("adapters never emit the gateway's restart marker"),
         }
     }
     for (position, index) in calls.keys().enumerate() {

@@ -234,7 +234,7 @@ pub(crate) fn payload_bytes(event: &ProviderEvent) -> usize {
                 + call.name.as_ref().map_or(0, String::len)
         }
         // Small fixed-size events; counted so a flood of them is bounded too.
-        ProviderEvent::Usage(_) | ProviderEvent::Finish(_) => 16,
+        ProviderEvent::Usage(_) | ProviderEvent::Finish(_) | ProviderEvent::Restart => 16,
     }
 }
 

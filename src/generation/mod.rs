@@ -18,7 +18,7 @@ mod log;
 mod registry;
 mod reply;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -30,7 +30,10 @@ pub use log::{CancelReason, Frame, Outcome};
 pub use registry::{Registry, RegistryError, StartOptions};
 pub use reply::{Reply, ToolCall};
 
-use crate::provider::{ChatRequest, EventStream, Provider, ProviderError};
+use crate::error::ApiError;
+use crate::provider::{ProviderError, ProviderEvent};
+use crate::routing::{Ledger, RouteEvent, RouteStream, Served};
+use crate::usage::{self, Pricing, UsageRecord};
 use log::{Appended, Log, Progress};
 
 /// A generation's id: a UUIDv7, so ids sort by creation time.
@@ -44,8 +47,14 @@ pub struct Generation {
     created: u64,
     /// The model name the client asked for.
     model: String,
-    /// The provider serving it, for logs.
-    provider: String,
+    /// The target answering now (the last one that accepted).
+    served: Mutex<Option<Served>>,
+    /// Every upstream attempt, for usage and cost.
+    ledger: Arc<Ledger>,
+    /// Prices, for the usage record's cost.
+    pricing: Arc<Pricing>,
+    /// The usage record, once the generation has ended.
+    usage: OnceLock<UsageRecord>,
     /// The event log every subscriber reads.
     log: Log,
     /// Largest coalesced frame handed to a subscriber.
@@ -72,6 +81,26 @@ impl Generation {
     /// The model name the client asked for.
     pub fn model(&self) -> &str {
         &self.model
+    }
+
+    /// The target answering now, once one has accepted.
+    pub fn served(&self) -> Option<Served> {
+        self.served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The upstream model that is answering (what OpenAI's `model` field
+    /// reports), or the requested name before any target accepted.
+    pub fn answering_model(&self) -> String {
+        self.served()
+            .map_or_else(|| self.model.clone(), |s| s.model)
+    }
+
+    /// What the reply consumed; set once the generation has ended.
+    pub fn usage(&self) -> Option<&UsageRecord> {
+        self.usage.get()
     }
 
     /// The outcome, once there is one.
@@ -108,9 +137,10 @@ impl Generation {
         }
     }
 
-    /// Reads the upstream into the log until it ends, the generation is
-    /// cancelled, or every subscriber has been gone for the grace period.
-    async fn drive(self: Arc<Self>, provider: Arc<dyn Provider>, request: ChatRequest) {
+    /// Reads the dispatched reply into the log until it ends, the
+    /// generation is cancelled, or every subscriber has been gone for the
+    /// grace period; then records its usage.
+    async fn drive(self: Arc<Self>, dispatch: RouteStream) {
         let abandoned = abandoned(self.subscribers.subscribe(), self.grace);
         tokio::pin!(abandoned);
         let outcome = tokio::select! {
@@ -121,51 +151,90 @@ impl Generation {
             // recorded, the token was cancelled from above: shutdown.
             () = self.cancel.cancelled() => Outcome::Cancelled(CancelReason::Shutdown),
             () = &mut abandoned => Outcome::Cancelled(CancelReason::Abandoned),
-            outcome = self.relay(provider, request) => outcome,
+            // Dropping this future (when another arm wins) drops the
+            // dispatch and with it the upstream connection.
+            outcome = self.relay(dispatch) => outcome,
         };
         self.log.end(outcome);
         // Whatever ended the reply, nobody may keep the upstream alive.
         self.cancel.cancel();
-        match self.log.outcome() {
-            Some(Outcome::Failed(err)) => tracing::warn!(
-                generation = %self.id,
-                provider = %self.provider,
-                class = err.class.code(),
-                status = err.status,
-                events = self.len(),
-                "generation failed"
-            ),
-            outcome => tracing::debug!(
-                generation = %self.id,
-                provider = %self.provider,
-                ?outcome,
-                events = self.len(),
-                "generation ended"
-            ),
-        }
+        let record = self.usage_record();
+        tracing::info!(
+            generation = %self.id,
+            model = %record.model,
+            provider = record.provider.as_deref().unwrap_or("-"),
+            upstream_model = record.upstream_model.as_deref().unwrap_or("-"),
+            outcome = record.outcome,
+            error = record.error.unwrap_or("-"),
+            attempts = record.attempts.len(),
+            prompt_tokens = record.usage.prompt_tokens,
+            completion_tokens = record.usage.completion_tokens,
+            estimated = record.estimated,
+            cost_usd = record.cost_usd,
+            events = self.len(),
+            "generation ended"
+        );
+        drop(self.usage.set(record));
     }
 
-    /// Connects upstream and appends its events; returns how it ended. The
-    /// upstream stream is dropped when this future is, closing the
-    /// connection.
-    async fn relay(&self, provider: Arc<dyn Provider>, request: ChatRequest) -> Outcome {
-        let mut upstream: EventStream = match provider.stream(request).await {
-            Ok(stream) => stream,
-            Err(err) => return Outcome::Failed(err),
-        };
-        self.log.mark_accepted();
-        while let Some(event) = upstream.next().await {
-            match event {
-                Ok(event) => match self.log.append(event) {
-                    Appended::Yes => {}
-                    Appended::Ended | Appended::TooLarge => {
-                        return self.log.outcome().unwrap_or(Outcome::Complete);
-                    }
-                },
+    /// Appends the dispatched events; returns how the reply ended. On
+    /// success the last event is the usage billed over all attempts.
+    async fn relay(&self, mut dispatch: RouteStream) -> Outcome {
+        while let Some(item) = dispatch.next().await {
+            let event = match item {
+                Ok(RouteEvent::Accepted(served)) => {
+                    self.set_served(served);
+                    self.log.mark_accepted();
+                    continue;
+                }
+                Ok(RouteEvent::Restart(served)) => {
+                    self.set_served(served);
+                    self.log.mark_accepted();
+                    ProviderEvent::Restart
+                }
+                Ok(RouteEvent::Event(event)) => event,
                 Err(err) => return Outcome::Failed(err),
+            };
+            match self.log.append(event) {
+                Appended::Yes => {}
+                Appended::Ended | Appended::TooLarge => {
+                    return self.log.outcome().unwrap_or(Outcome::Complete);
+                }
             }
         }
+        drop(dispatch);
+        let (total, _, _) = usage::total(&self.ledger.attempts(), &self.pricing);
+        self.log.append(ProviderEvent::Usage(total));
         Outcome::Complete
+    }
+
+    fn set_served(&self, served: Served) {
+        *self.served.lock().unwrap_or_else(PoisonError::into_inner) = Some(served);
+    }
+
+    /// The usage record of the ended generation.
+    fn usage_record(&self) -> UsageRecord {
+        let attempts = self.ledger.attempts();
+        let (total, estimated, cost_usd) = usage::total(&attempts, &self.pricing);
+        let outcome = self.log.outcome();
+        let (label, error) = match &outcome {
+            Some(Outcome::Complete) => ("complete", None),
+            Some(Outcome::Failed(err)) => ("failed", Some(ApiError::from(err).code)),
+            Some(Outcome::Cancelled(CancelReason::Abandoned)) => ("aborted", None),
+            Some(Outcome::Cancelled(_)) | None => ("cancelled", None),
+        };
+        let served = self.served();
+        UsageRecord {
+            model: self.model.clone(),
+            provider: served.as_ref().map(|s| s.provider.clone()),
+            upstream_model: served.map(|s| s.model),
+            outcome: label,
+            error,
+            usage: total,
+            estimated,
+            cost_usd,
+            attempts,
+        }
     }
 }
 
@@ -294,8 +363,9 @@ fn unix_now() -> u64 {
 /// Everything needed to build a generation; the registry fills it in.
 pub(crate) struct Spec {
     pub model: String,
-    pub provider: Arc<dyn Provider>,
-    pub request: ChatRequest,
+    pub dispatch: RouteStream,
+    pub ledger: Arc<Ledger>,
+    pub pricing: Arc<Pricing>,
     pub grace: Duration,
     pub max_frame_bytes: usize,
     pub max_reply_bytes: usize,
@@ -316,7 +386,10 @@ impl Generation {
             id: Uuid::now_v7(),
             created: unix_now(),
             model: spec.model,
-            provider: spec.provider.name().to_owned(),
+            served: Mutex::new(None),
+            ledger: spec.ledger,
+            pricing: spec.pricing,
+            usage: OnceLock::new(),
             log: Log::new(spec.max_reply_bytes),
             max_frame_bytes: spec.max_frame_bytes,
             subscribers: watch::Sender::new(0),
@@ -324,7 +397,7 @@ impl Generation {
             cancel: spec.cancel,
         });
         let subscriber = generation.subscribe(0);
-        let driver = Arc::clone(&generation).drive(spec.provider, spec.request);
+        let driver = Arc::clone(&generation).drive(spec.dispatch);
         (generation, subscriber, driver)
     }
 }

@@ -14,7 +14,9 @@ use tokio_util::task::TaskTracker;
 
 use super::{Generation, GenerationId, Spec, Subscriber};
 use crate::config::GenerationConfig;
-use crate::provider::{ChatRequest, Provider};
+use crate::provider::ChatRequest;
+use crate::routing::{AfterCommit, Ledger, Route, Router};
+use crate::usage::Pricing;
 
 /// Per-start choices that differ between transports.
 #[derive(Debug, Clone, Copy)]
@@ -23,6 +25,8 @@ pub struct StartOptions {
     pub grace: Duration,
     /// How long it stays resumable after it ends.
     pub retain: Duration,
+    /// What to do when an upstream fails mid-answer.
+    pub after_commit: AfterCommit,
 }
 
 /// Why a generation could not start.
@@ -49,16 +53,19 @@ pub struct Registry {
     /// Parent of every generation's cancel token; cancelled at shutdown.
     shutdown: CancellationToken,
     config: GenerationConfig,
+    /// Prices for every generation's usage record.
+    pricing: Arc<Pricing>,
 }
 
 impl Registry {
-    /// An empty registry bounded by `config`.
-    pub fn new(config: GenerationConfig) -> Self {
+    /// An empty registry bounded by `config`, pricing usage with `pricing`.
+    pub fn new(config: GenerationConfig, pricing: Pricing) -> Self {
         Self {
             live: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             config,
+            pricing: Arc::new(pricing),
         }
     }
 
@@ -67,22 +74,24 @@ impl Registry {
         self.live.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Starts a generation that answers `request` with `provider`, and
+    /// Starts a generation that answers `request` along `route`, and
     /// returns its first subscriber (reading from offset 0).
     pub fn start(
         self: &Arc<Self>,
-        model: &str,
-        provider: Arc<dyn Provider>,
+        router: &Arc<Router>,
+        route: Arc<Route>,
         request: ChatRequest,
         options: StartOptions,
     ) -> Result<Subscriber, RegistryError> {
         if self.shutdown.is_cancelled() {
             return Err(RegistryError::ShuttingDown);
         }
+        let ledger = Arc::new(Ledger::default());
         let spec = Spec {
-            model: model.to_owned(),
-            provider,
-            request,
+            model: route.name.clone(),
+            dispatch: router.dispatch(route, request, options.after_commit, Arc::clone(&ledger)),
+            ledger,
+            pricing: Arc::clone(&self.pricing),
             grace: options.grace,
             max_frame_bytes: self.config.max_frame_bytes,
             max_reply_bytes: self.config.max_reply_bytes,

@@ -54,6 +54,8 @@ impl Reply {
             }
             ProviderEvent::Usage(usage) => self.usage = Some(*usage),
             ProviderEvent::Finish(reason) => self.finish = Some(reason.clone()),
+            // The reply starts over: what came before is not part of it.
+            ProviderEvent::Restart => *self = Self::default(),
         }
     }
 }

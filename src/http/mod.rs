@@ -40,8 +40,8 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct Gateway {
     /// The validated configuration.
     pub config: Config,
-    /// Model name → provider targets.
-    pub routes: routing::Router,
+    /// Model name → provider targets, retries, breakers.
+    pub routes: Arc<routing::Router>,
     /// Live generations on this instance.
     pub generations: Arc<Registry>,
 }
@@ -50,8 +50,9 @@ impl Gateway {
     /// Builds providers, routes and the registry from a validated config.
     pub fn from_config(config: Config) -> Result<Arc<Self>, BuildError> {
         install_crypto_provider();
-        let routes = routing::Router::from_config(&config)?;
-        let generations = Arc::new(Registry::new(config.generation.clone()));
+        let routes = Arc::new(routing::Router::from_config(&config)?);
+        let pricing = crate::usage::Pricing::from_config(&config.pricing);
+        let generations = Arc::new(Registry::new(config.generation.clone(), pricing));
         Ok(Arc::new(Self {
             config,
             routes,

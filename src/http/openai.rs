@@ -26,6 +26,7 @@ use crate::error::ApiError;
 use crate::generation::{Frame, Outcome, Read, Reply, StartOptions, Subscriber};
 use crate::provider::request::{Content, Role};
 use crate::provider::{ChatRequest, ProviderEvent, Usage};
+use crate::routing::AfterCommit;
 
 /// `GET /v1/models`: the configured model names.
 pub async fn list_models(State(gateway): State<Arc<Gateway>>) -> Response {
@@ -63,28 +64,25 @@ async fn complete(
 ) -> Result<Response, ApiError> {
     let limit = gateway.config.server.max_body_bytes;
     let body = read_body(request.into_body(), limit).await?;
-    let (mut chat, delivery) = parse_request(&body)?;
+    let (chat, delivery) = parse_request(&body)?;
 
     let route = gateway
         .routes
         .route(&chat.model)
         .ok_or_else(|| ApiError::unknown_model(&chat.model))?;
-    let alias = chat.model.clone();
-    let target = route.primary();
-    chat.model.clone_from(&target.model);
-
     let options = StartOptions {
         grace: Duration::ZERO,
         retain: Duration::ZERO,
+        // OpenAI clients cannot be told to discard a partial answer.
+        after_commit: AfterCommit::Continue,
     };
-    let mut subscriber =
-        gateway
-            .generations
-            .start(&alias, Arc::clone(&target.provider), chat, options)?;
+    let model = route.name.clone();
+    let mut subscriber = gateway
+        .generations
+        .start(&gateway.routes, route, chat, options)?;
     tracing::info!(
         generation = %subscriber.generation().id(),
-        model = %alias,
-        provider = target.provider.name(),
+        model = %model,
         stream = delivery.stream,
         "generation started"
     );
@@ -281,7 +279,6 @@ fn sse_body(
     let mut encoder = ChunkEncoder::new(
         format!("chatcmpl-{}", generation.id()),
         generation.created(),
-        generation.model().to_owned(),
         delivery.include_usage,
     );
     async_stream::stream! {
@@ -296,7 +293,8 @@ fn sse_body(
             };
             match read {
                 Read::Frames(frames) => {
-                    let chunk = encoder.encode(&frames);
+                    // `model` names the upstream model answering now.
+                    let chunk = encoder.encode(&frames, &generation.answering_model());
                     if !chunk.is_empty() {
                         yield Ok(Bytes::from(chunk));
                     }
@@ -321,18 +319,16 @@ fn sse_body(
 struct ChunkEncoder {
     id: String,
     created: u64,
-    model: String,
     include_usage: bool,
     /// The first delta carries `role: assistant`, as OpenAI's does.
     sent_role: bool,
 }
 
 impl ChunkEncoder {
-    fn new(id: String, created: u64, model: String, include_usage: bool) -> Self {
+    fn new(id: String, created: u64, include_usage: bool) -> Self {
         Self {
             id,
             created,
-            model,
             include_usage,
             sent_role: false,
         }
@@ -340,10 +336,10 @@ impl ChunkEncoder {
 
     /// The SSE text of `frames` (possibly empty: a usage frame the client
     /// did not ask for writes nothing).
-    fn encode(&mut self, frames: &[Frame]) -> String {
+    fn encode(&mut self, frames: &[Frame], model: &str) -> String {
         let mut out = String::new();
         for frame in frames {
-            let Some(chunk) = self.chunk(&frame.event) else {
+            let Some(chunk) = self.chunk(&frame.event, model) else {
                 continue;
             };
             out.push_str("data: ");
@@ -353,7 +349,7 @@ impl ChunkEncoder {
         out
     }
 
-    fn chunk(&mut self, event: &ProviderEvent) -> Option<Value> {
+    fn chunk(&mut self, event: &ProviderEvent, model: &str) -> Option<Value> {
         let (mut delta, finish_reason) = match event {
             ProviderEvent::Text(text) => (json!({ "content": text }), Value::Null),
             ProviderEvent::Reasoning(text) => (json!({ "reasoning_content": text }), Value::Null),
@@ -374,6 +370,8 @@ impl ChunkEncoder {
                 (json!({ "tool_calls": [tool_call] }), Value::Null)
             }
             ProviderEvent::Finish(reason) => (json!({}), json!(reason.as_str())),
+            // This endpoint never asks for restarts (AfterCommit::Continue).
+            ProviderEvent::Restart => return None,
             ProviderEvent::Usage(usage) => {
                 if !self.include_usage {
                     return None;
@@ -382,7 +380,7 @@ impl ChunkEncoder {
                     "id": self.id,
                     "object": "chat.completion.chunk",
                     "created": self.created,
-                    "model": self.model,
+                    "model": model,
                     "choices": [],
                     "usage": usage_json(usage),
                 }));
@@ -398,7 +396,7 @@ impl ChunkEncoder {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
-            "model": self.model,
+            "model": model,
             "choices": [{ "index": 0, "delta": delta, "finish_reason": finish_reason }],
         }))
     }
@@ -468,7 +466,7 @@ async fn collect(mut subscriber: Subscriber) -> Result<Response, ApiError> {
         "id": format!("chatcmpl-{}", generation.id()),
         "object": "chat.completion",
         "created": generation.created(),
-        "model": generation.model(),
+        "model": generation.answering_model(),
         "choices": [{ "index": 0, "message": message, "finish_reason": finish }],
     });
     if let (Some(usage), Some(map)) = (reply.usage, body.as_object_mut()) {

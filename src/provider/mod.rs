@@ -18,6 +18,7 @@ pub mod gemini;
 pub mod mock;
 pub mod openai;
 pub mod request;
+pub mod retry_after;
 pub mod sse;
 
 use std::fmt;
@@ -55,6 +56,11 @@ pub enum ProviderEvent {
     Usage(Usage),
     /// The model finished; usage may still follow.
     Finish(FinishReason),
+    /// Not from a provider: the gateway's marker that the reply restarts
+    /// from scratch on another target, so readers discard what came before.
+    /// Only transports that can tell their clients (the native protocol's
+    /// `restart`) ever get one.
+    Restart,
 }
 
 /// A fragment of one tool call.
@@ -419,11 +425,10 @@ async fn read_capped(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
     body
 }
 
-/// Parses `Retry-After` given in seconds. (HTTP-date values arrive with the
-/// resilience work; until then they are ignored.)
+/// The `Retry-After` of a response, in seconds or as an HTTP-date.
 fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    retry_after::parse_retry_after(value, std::time::SystemTime::now())
 }
 
 /// Classifies a provider error by its textual `type`/`code`, falling back to

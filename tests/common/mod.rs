@@ -279,6 +279,11 @@ async fn answer(State(state): State<Arc<FakeState>>, request: axum::extract::Req
     builder.body(Body::from_stream(stream)).unwrap()
 }
 
+/// Parses config text as a file would be (no environment overrides).
+pub fn test_config(toml: &str) -> Config {
+    Config::parse(toml, Path::new("test.toml"), Vec::new()).expect("valid config")
+}
+
 /// The real gateway, serving on a random loopback port in this process.
 pub struct TestGateway {
     pub addr: SocketAddr,
@@ -290,8 +295,7 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts a gateway from TOML config text.
     pub async fn start(toml: &str) -> Self {
-        let config = Config::parse(toml, Path::new("test.toml"), Vec::new()).expect("valid config");
-        Self::start_with(config).await
+        Self::start_with(test_config(toml)).await
     }
 
     pub async fn start_with(config: Config) -> Self {
