@@ -42,8 +42,8 @@ async fn streams_tokens_in_order_and_ends_with_done() {
     for chunk in &chunks {
         assert_eq!(chunk["object"], "chat.completion.chunk");
         assert_eq!(
-            chunk["model"], "gpt-test",
-            "the client's model name, not the upstream's"
+            chunk["model"], "fake-model",
+            "the model that actually answered"
         );
         assert_eq!(chunk["id"], chunks[0]["id"], "one id per completion");
     }
@@ -359,7 +359,10 @@ async fn upstream_rejections_keep_their_status_and_reason() {
         json!({ "error": { "message": "This model's maximum context length is 128000 tokens.", "type": "invalid_request_error", "code": "context_length_exceeded" } }),
     ));
     upstream.push(Script::json(401, json!({ "error": { "message": "Incorrect API key provided: sk-abc***", "type": "invalid_request_error", "code": "invalid_api_key" } })));
-    let gateway = TestGateway::openai(&upstream).await;
+    // No retries: this is about how each rejection reaches the client.
+    let mut config = test_config(&openai_config(&upstream));
+    config.routing.retries_per_target = 0;
+    let gateway = TestGateway::start_with(config).await;
 
     let send = || {
         client()
@@ -423,7 +426,10 @@ async fn heartbeat_comments_keep_an_idle_stream_alive() {
     ];
     steps.extend(openai_finish(1, 1));
     upstream.push(Script::sse(steps));
-    let gateway = TestGateway::openai(&upstream).await;
+    // A first-token limit above the silence.
+    let mut config = test_config(&openai_config(&upstream));
+    config.routing.ttft_timeout_ms = 120_000;
+    let gateway = TestGateway::start_with(config).await;
     let response = gateway.post_chat(&chat_body("gpt-test", true)).await;
     let events = SseReader::new(response).collect().await;
     let before_token: Vec<&ClientEvent> = events

@@ -34,6 +34,10 @@ pub enum Step {
 /// A scripted upstream response.
 #[derive(Debug, Clone)]
 pub struct Script {
+    /// Close the connection without any response, right after the request
+    /// arrived (a reset before headers). Only honoured for a connection's
+    /// first request.
+    pub reset: bool,
     /// How long the upstream waits before sending its status and headers.
     pub header_delay: Duration,
     pub status: u16,
@@ -45,6 +49,7 @@ impl Script {
     /// A `text/event-stream` 200 with these steps.
     pub fn sse(steps: Vec<Step>) -> Self {
         Self {
+            reset: false,
             header_delay: Duration::ZERO,
             status: 200,
             headers: vec![("content-type".into(), "text/event-stream".into())],
@@ -61,10 +66,19 @@ impl Script {
     /// A JSON response with `status`.
     pub fn json(status: u16, body: Value) -> Self {
         Self {
+            reset: false,
             header_delay: Duration::ZERO,
             status,
             headers: vec![("content-type".into(), "application/json".into())],
             steps: vec![Step::Send(Bytes::from(body.to_string()))],
+        }
+    }
+
+    /// A connection closed before any response.
+    pub fn reset() -> Self {
+        Self {
+            reset: true,
+            ..Self::sse(Vec::new())
         }
     }
 
@@ -134,6 +148,8 @@ pub fn openai_stream(tokens: &[&str], delay: Duration) -> Script {
 /// A request the fake upstream received.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    /// When it arrived (tokio time: virtual in paused-clock tests).
+    pub at: Instant,
     pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
@@ -150,6 +166,8 @@ pub struct Closed {
 #[derive(Debug, Default)]
 struct FakeState {
     scripts: Mutex<VecDeque<Script>>,
+    /// Answers every request once `scripts` is empty.
+    default: Mutex<Option<Script>>,
     requests: Mutex<Vec<Recorded>>,
     closed: Mutex<Vec<Closed>>,
     closed_notify: Notify,
@@ -165,6 +183,18 @@ pub struct FakeUpstream {
     state: Arc<FakeState>,
 }
 
+impl FakeState {
+    /// Pops the next script if it is a reset.
+    fn take_reset(&self) -> bool {
+        let mut scripts = self.scripts.lock().unwrap();
+        if scripts.front().is_some_and(|s| s.reset) {
+            scripts.pop_front();
+            return true;
+        }
+        false
+    }
+}
+
 impl FakeUpstream {
     pub async fn start() -> Self {
         let state = Arc::new(FakeState::default());
@@ -173,12 +203,43 @@ impl FakeUpstream {
             .with_state(Arc::clone(&state));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
         let addr = listener.local_addr().expect("fake addr");
+        let accept_state = Arc::clone(&state);
+        // Our own accept loop (not axum::serve) so a script can reset a
+        // connection before any response.
         tokio::spawn(async move {
-            axum::serve(listener, app)
-                .await
-                .expect("fake upstream serves");
+            while let Ok((tcp, _)) = listener.accept().await {
+                let state = Arc::clone(&accept_state);
+                let app = app.clone();
+                tokio::spawn(async move {
+                    if state.take_reset() {
+                        let mut request = [0u8; 4096];
+                        let _ = tcp.readable().await;
+                        let _ = tcp.try_read(&mut request);
+                        state.requests.lock().unwrap().push(Recorded {
+                            at: Instant::now(),
+                            path: "<reset>".into(),
+                            headers: HeaderMap::new(),
+                            body: Value::Null,
+                        });
+                        drop(tcp);
+                        return;
+                    }
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(io, service)
+                    .await;
+                });
+            }
         });
         Self { addr, state }
+    }
+
+    /// Answers every request with `script` once the queue is empty.
+    pub fn set_default(&self, script: Script) {
+        *self.state.default.lock().unwrap() = Some(script);
     }
 
     /// The base URL to configure as the provider's `base_url`.
@@ -242,11 +303,13 @@ async fn answer(State(state): State<Arc<FakeState>>, request: axum::extract::Req
         .unwrap_or_default();
     let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     state.requests.lock().unwrap().push(Recorded {
+        at: Instant::now(),
         path,
         headers,
         body,
     });
-    let script = state.scripts.lock().unwrap().pop_front();
+    let queued = state.scripts.lock().unwrap().pop_front();
+    let script = queued.or_else(|| state.default.lock().unwrap().clone());
     let Some(script) = script else {
         return Response::builder()
             .status(StatusCode::INTERNAL_SERVER_ERROR)
