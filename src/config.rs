@@ -324,7 +324,8 @@ pub struct ProviderConfig {
     /// Milliseconds to connect to this provider (default:
     /// `upstream.connect_timeout_ms`).
     pub connect_timeout_ms: Option<u64>,
-    /// `max_tokens` sent to Anthropic when the client set none.
+    /// Anthropic only: `max_tokens` sent when the client set none
+    /// (Anthropic requires one).
     pub default_max_tokens: u32,
     /// Mock only: words per reply.
     pub mock_tokens: u32,

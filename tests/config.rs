@@ -34,8 +34,15 @@ fn the_example_file_is_valid_and_matches_the_defaults() {
     assert_eq!(example.log, defaults.log);
     assert_eq!(example.generation, defaults.generation);
     assert_eq!(example.upstream, defaults.upstream);
+    assert_eq!(example.routing, defaults.routing);
+    assert_eq!(example.breaker, defaults.breaker);
     assert_eq!(example.providers[0], defaults.providers[0]);
-    assert_eq!(example.models.len(), 3);
+    assert_eq!(example.models.len(), 4);
+    assert_eq!(
+        example.models[3].targets.len(),
+        3,
+        "the fallback chain example"
+    );
 }
 
 #[test]
@@ -155,4 +162,39 @@ fn invalid_toml_says_where() {
     let err = parse("[server\nlisten = 1", &[]).unwrap_err();
     assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
     assert!(err.to_string().contains("line"), "{err}");
+}
+
+#[test]
+fn routing_knobs_are_validated() {
+    for (toml, key) in [
+        ("[routing]\nmax_attempts = 0\n", "routing.max_attempts"),
+        (
+            "[routing]\nbackoff_base_ms = 500\nbackoff_max_ms = 100\n",
+            "routing.backoff_max_ms",
+        ),
+        (
+            "[routing]\nttft_timeout_ms = 0\n",
+            "routing.ttft_timeout_ms",
+        ),
+        ("[breaker]\nfailure_ratio = 1.5\n", "breaker.failure_ratio"),
+        (
+            "[breaker]\nhalf_open_probes = 0\n",
+            "breaker.half_open_probes",
+        ),
+        (
+            "[[models]]\nname = \"m\"\ntargets = [{ provider = \"mock\", model = \"m\", weight = 0 }]\n",
+            "models[0].targets[0].weight",
+        ),
+        (
+            "[[models]]\nname = \"m\"\ntargets = [{ provider = \"mock\", model = \"m\", idle_timeout_ms = 0 }]\n",
+            "models[0].targets[0].idle_timeout_ms",
+        ),
+        (
+            "[[models]]\nname = \"m\"\nfallback_on = [\"everything\"]\ntargets = [{ provider = \"mock\", model = \"m\" }]\n",
+            "models[0].fallback_on",
+        ),
+    ] {
+        let err = parse(toml, &[]).unwrap_err();
+        assert!(err.to_string().contains(key), "{toml}: {err}");
+    }
 }

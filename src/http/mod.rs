@@ -49,7 +49,6 @@ pub struct Gateway {
 impl Gateway {
     /// Builds providers, routes and the registry from a validated config.
     pub fn from_config(config: Config) -> Result<Arc<Self>, BuildError> {
-        install_crypto_provider();
         let routes = Arc::new(routing::Router::from_config(&config)?);
         let pricing = crate::usage::Pricing::from_config(&config.pricing);
         let generations = Arc::new(Registry::new(config.generation.clone(), pricing));
@@ -71,13 +70,6 @@ impl Gateway {
             .map(|err| err.to_string())
             .collect()
     }
-}
-
-/// reqwest is built without a default TLS crypto backend (to avoid
-/// compiling aws-lc); we install ring's once per process.
-fn install_crypto_provider() {
-    // Err means one is installed already, which is what we want.
-    drop(rustls::crypto::ring::default_provider().install_default());
 }
 
 /// The application router with its middleware.

@@ -58,7 +58,7 @@ impl AnthropicProvider {
             name: config.name.clone(),
             url: format!("{}/messages", base.trim_end_matches('/')),
             key: ApiKey::from_config(config)?,
-            client: super::http_client(&config.name, upstream)?,
+            client: super::http_client(config, upstream)?,
             default_max_tokens: config.default_max_tokens,
             max_event_bytes: upstream.max_event_bytes,
             max_error_body_bytes: upstream.max_error_body_bytes,

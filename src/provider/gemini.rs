@@ -66,7 +66,7 @@ impl GeminiProvider {
             name: config.name.clone(),
             base_url: base.trim_end_matches('/').to_owned(),
             key: ApiKey::from_config(config)?,
-            client: super::http_client(&config.name, upstream)?,
+            client: super::http_client(config, upstream)?,
             max_event_bytes: upstream.max_event_bytes,
             max_error_body_bytes: upstream.max_error_body_bytes,
         })

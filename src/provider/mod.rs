@@ -347,18 +347,26 @@ impl fmt::Debug for ApiKey {
 /// timeouts, never a total timeout (a stream may legitimately run for
 /// minutes), `TCP_NODELAY`, no proxy from the environment surprises.
 pub(crate) fn http_client(
-    provider: &str,
+    config: &ProviderConfig,
     upstream: &UpstreamConfig,
 ) -> Result<reqwest::Client, BuildError> {
+    let connect_timeout = config
+        .connect_timeout_ms
+        .map_or_else(|| upstream.connect_timeout(), Duration::from_millis);
+    // reqwest is built without a default TLS crypto backend (to avoid
+    // compiling aws-lc); ring's is installed once per process. An error
+    // means one is installed already, which is what we want.
+    static CRYPTO: std::sync::Once = std::sync::Once::new();
+    CRYPTO.call_once(|| drop(rustls::crypto::ring::default_provider().install_default()));
     reqwest::Client::builder()
-        .connect_timeout(upstream.connect_timeout())
+        .connect_timeout(connect_timeout)
         .read_timeout(upstream.read_timeout())
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(90))
         .user_agent(concat!("spillway/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|source| BuildError::Client {
-            provider: provider.to_owned(),
+            provider: config.name.clone(),
             source,
         })
 }

@@ -50,7 +50,7 @@ impl OpenAiProvider {
             name: config.name.clone(),
             url: format!("{}/chat/completions", base.trim_end_matches('/')),
             key: ApiKey::from_config(config)?,
-            client: super::http_client(&config.name, upstream)?,
+            client: super::http_client(config, upstream)?,
             max_event_bytes: upstream.max_event_bytes,
             max_error_body_bytes: upstream.max_error_body_bytes,
         })

@@ -1,7 +1,7 @@
 //! The normalized chat request every adapter receives.
 //!
 //! It is OpenAI-shaped because that is the common denominator clients
-//! already speak; the Anthropic adapter translates it. Parameters we do not
+//! already speak; the Anthropic and Gemini adapters translate it. Parameters we do not
 //! model are kept in `extra` and forwarded to OpenAI-compatible upstreams
 //! as-is (`response_format`, `logprobs`, vendor extensions), and dropped for
 //! upstreams that would reject them.
