@@ -776,3 +776,59 @@ async fn the_restart_hook_restarts_a_cut_reply_on_a_target_without_prefill() {
         "the cut attempt's tokens were spent"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_exhausted_retry_budget_fails_over_instead_of_retrying() {
+    let primary = FakeUpstream::start().await;
+    let fallback = FakeUpstream::start().await;
+    primary.set_default(unavailable(503));
+    fallback.set_default(ok(&["fallback"]));
+    let mut config = config(&primary, Some((&fallback, false)));
+    // One retry per window, none earned by requests.
+    config.routing.retry_budget_min = 1;
+    config.routing.retry_budget_ratio = 0.0;
+    config.breaker.min_requests = 100;
+    let gateway = TestGateway::start_with(config).await;
+
+    assert_eq!(content_of(&chat(&gateway).await), "fallback");
+    // First request: an attempt, the one budgeted retry, then fail-over.
+    assert_eq!(primary.requests().len(), 2);
+    assert_eq!(content_of(&chat(&gateway).await), "fallback");
+    // Second request: no budget left, so no retry: straight to the fallback.
+    assert_eq!(primary.requests().len(), 3);
+}
+
+#[test]
+fn a_plan_tries_tiers_in_order_and_shares_a_tier_by_weight() {
+    let toml = r#"
+[[providers]]
+name = "a"
+kind = "mock"
+[[providers]]
+name = "b"
+kind = "mock"
+[[providers]]
+name = "c"
+kind = "mock"
+
+[[models]]
+name = "chat"
+targets = [
+  { provider = "a", model = "a", tier = 0, weight = 3 },
+  { provider = "b", model = "b", tier = 0, weight = 1 },
+  { provider = "c", model = "c", tier = 1 },
+]
+"#;
+    let router = Router::from_config(&test_config(toml)).unwrap();
+    let route = router.route("chat").unwrap();
+    let mut a_first = 0;
+    let rounds = 4000;
+    for _ in 0..rounds {
+        let plan = route.plan();
+        assert_eq!(plan.len(), 3);
+        assert_eq!(plan[2], 2, "the lower tier comes last, always");
+        a_first += usize::from(plan[0] == 0);
+    }
+    // Weight 3 of 4: about 3000 of 4000 (binomial sd ~27; allow ±8 sd).
+    assert!((2780..=3220).contains(&a_first), "{a_first} of {rounds}");
+}
