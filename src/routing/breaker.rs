@@ -43,6 +43,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::window::Window;
+
 /// Tuning for one breaker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BreakerConfig {
@@ -102,7 +104,8 @@ struct Inner {
     /// Bumped on every state change; a permit only counts in the generation
     /// that issued it, which is how late outcomes are ignored.
     generation: u64,
-    /// Outcomes of the current closed period.
+    /// Outcomes of the current closed period: `[requests, failures]`,
+    /// where requests counts successes and failures alike.
     window: Window,
 }
 
@@ -190,10 +193,10 @@ impl Breaker {
             return;
         }
         match (inner.state, outcome) {
-            (State::Closed, Outcome::Success) => inner.window.record(now, false),
+            (State::Closed, Outcome::Success) => inner.window.add(now, [1, 0]),
             (State::Closed, Outcome::Failure) => {
-                inner.window.record(now, true);
-                let (requests, failures) = inner.window.totals(now);
+                inner.window.add(now, [1, 1]);
+                let [requests, failures] = inner.window.totals(now);
                 if requests >= u64::from(self.config.min_requests)
                     && failures as f64 >= self.config.failure_ratio * requests as f64
                 {
@@ -281,88 +284,6 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         self.resolve(Outcome::Cancel);
-    }
-}
-
-/// Outcome counts over a rolling window, as a ring of [`BUCKETS`] buckets
-/// each `span / BUCKETS` wide. An outcome counts for at least
-/// `span - span / BUCKETS` and at most `span`.
-#[derive(Debug)]
-struct Window {
-    /// Time zero of the bucket numbering.
-    origin: Instant,
-    /// How long one bucket covers (never zero, so numbering cannot divide
-    /// by zero).
-    width: Duration,
-    /// Bucket `n` (counted from `origin`) lives at index `n % BUCKETS`.
-    buckets: [Bucket; BUCKETS],
-}
-
-/// Buckets per window: the precision with which old outcomes expire.
-const BUCKETS: usize = 10;
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
-    /// Which bucket number this slot currently holds; a slot holding an
-    /// older number is stale and counts as empty.
-    number: u64,
-    /// Successes and failures recorded in this bucket.
-    requests: u32,
-    /// Failures recorded in this bucket.
-    failures: u32,
-}
-
-impl Window {
-    fn new(span: Duration, now: Instant) -> Self {
-        Self {
-            origin: now,
-            width: (span / BUCKETS as u32).max(Duration::from_nanos(1)),
-            buckets: [Bucket::default(); BUCKETS],
-        }
-    }
-
-    /// Forgets every outcome.
-    fn reset(&mut self, now: Instant) {
-        self.origin = now;
-        self.buckets = [Bucket::default(); BUCKETS];
-    }
-
-    fn number(&self, now: Instant) -> u64 {
-        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
-        u64::try_from(elapsed / self.width.as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    fn record(&mut self, now: Instant, failed: bool) {
-        let number = self.number(now);
-        let bucket = &mut self.buckets[(number % BUCKETS as u64) as usize];
-        if bucket.number != number {
-            *bucket = Bucket {
-                number,
-                ..Bucket::default()
-            };
-        }
-        bucket.requests = bucket.requests.saturating_add(1);
-        if failed {
-            bucket.failures = bucket.failures.saturating_add(1);
-        }
-    }
-
-    /// (requests, failures) still in the window.
-    fn totals(&self, now: Instant) -> (u64, u64) {
-        let number = self.number(now);
-        self.buckets
-            .iter()
-            .filter(|b| {
-                number
-                    .checked_sub(b.number)
-                    .is_some_and(|age| age < BUCKETS as u64)
-            })
-            .fold((0, 0), |(requests, failures), b| {
-                (
-                    requests + u64::from(b.requests),
-                    failures + u64::from(b.failures),
-                )
-            })
     }
 }
 

@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::window::Window;
+
 /// Tuning for the retry budget.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BudgetConfig {
@@ -61,7 +63,7 @@ pub struct RetryBudget {
     /// e.g. 100 requests at ratio 0.29 earn exactly 29 retries rather than
     /// 28.999… of them.
     earned_per_request: u64,
-    /// Deposits and withdrawals in the rolling window.
+    /// `[deposits, withdrawals]` in the rolling window.
     window: Mutex<Window>,
 }
 
@@ -84,7 +86,7 @@ impl RetryBudget {
 
     /// Records that one client request started.
     pub fn deposit(&self) {
-        self.lock().record(Instant::now(), Entry::Deposit);
+        self.lock().add(Instant::now(), [1, 0]);
     }
 
     /// Whether one retry may happen now; if so, it is counted against the
@@ -92,7 +94,7 @@ impl RetryBudget {
     pub fn try_withdraw(&self) -> bool {
         let now = Instant::now();
         let mut window = self.lock();
-        let (deposits, withdrawals) = window.totals(now);
+        let [deposits, withdrawals] = window.totals(now);
         let allowed = self
             .reserve
             .saturating_add(self.earned_per_request.saturating_mul(deposits));
@@ -100,7 +102,7 @@ impl RetryBudget {
         if needed > allowed {
             return false;
         }
-        window.record(now, Entry::Withdrawal);
+        window.add(now, [0, 1]);
         true
     }
 
@@ -108,89 +110,6 @@ impl RetryBudget {
         // Every section is a counter update that cannot panic half-way, so
         // a poisoned lock is still good.
         self.window.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// Which counter an event bumps.
-#[derive(Debug, Clone, Copy)]
-enum Entry {
-    Deposit,
-    Withdrawal,
-}
-
-/// Deposit and withdrawal counts over a rolling window, as a ring of
-/// [`BUCKETS`] buckets each `span / BUCKETS` wide. An event counts for at
-/// least `span - span / BUCKETS` and at most `span`.
-#[derive(Debug)]
-struct Window {
-    /// Time zero of the bucket numbering.
-    origin: Instant,
-    /// How long one bucket covers (never zero, so numbering cannot divide
-    /// by zero).
-    width: Duration,
-    /// Bucket `n` (counted from `origin`) lives at index `n % BUCKETS`.
-    buckets: [Bucket; BUCKETS],
-}
-
-/// Buckets per window: the precision with which old events expire.
-const BUCKETS: usize = 10;
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
-    /// Which bucket number this slot currently holds; a slot holding an
-    /// older number is stale and counts as empty.
-    number: u64,
-    /// Requests started in this bucket.
-    deposits: u32,
-    /// Retries granted in this bucket.
-    withdrawals: u32,
-}
-
-impl Window {
-    fn new(span: Duration, now: Instant) -> Self {
-        Self {
-            origin: now,
-            width: (span / BUCKETS as u32).max(Duration::from_nanos(1)),
-            buckets: [Bucket::default(); BUCKETS],
-        }
-    }
-
-    fn number(&self, now: Instant) -> u64 {
-        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
-        u64::try_from(elapsed / self.width.as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    fn record(&mut self, now: Instant, entry: Entry) {
-        let number = self.number(now);
-        let bucket = &mut self.buckets[(number % BUCKETS as u64) as usize];
-        if bucket.number != number {
-            *bucket = Bucket {
-                number,
-                ..Bucket::default()
-            };
-        }
-        match entry {
-            Entry::Deposit => bucket.deposits = bucket.deposits.saturating_add(1),
-            Entry::Withdrawal => bucket.withdrawals = bucket.withdrawals.saturating_add(1),
-        }
-    }
-
-    /// (deposits, withdrawals) still in the window.
-    fn totals(&self, now: Instant) -> (u64, u64) {
-        let number = self.number(now);
-        self.buckets
-            .iter()
-            .filter(|b| {
-                number
-                    .checked_sub(b.number)
-                    .is_some_and(|age| age < BUCKETS as u64)
-            })
-            .fold((0, 0), |(deposits, withdrawals), b| {
-                (
-                    deposits + u64::from(b.deposits),
-                    withdrawals + u64::from(b.withdrawals),
-                )
-            })
     }
 }
 

@@ -17,6 +17,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod budget;
 mod dispatch;
+mod window;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
