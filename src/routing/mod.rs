@@ -6,7 +6,7 @@
 //! with per-target timeouts and a circuit breaker). [`Router::dispatch`]
 //! drives one request along its route: retries before the commit point,
 //! fail-over along the chain, continuation of a cut reply on a
-//! prefill-capable target after it (see [`dispatch`] for the policy, and
+//! prefill-capable target after it (see `dispatch.rs` for the policy, and
 //! `docs/resilience.md`).
 //!
 //! - [`backoff`]: retry delays with jitter, `Retry-After` parsing;
