@@ -1,7 +1,7 @@
 //! Generations: in-flight assistant replies, the heart of the gateway.
 //!
 //! A [`Generation`] owns an append-only log of normalized events (see
-//! [`log`]) and runs as its own task, detached from any connection: the
+//! `log.rs`) and runs as its own task, detached from any connection: the
 //! task reads the upstream and appends; connections are [`Subscriber`]s
 //! holding a cursor into the log. A subscriber's writer waits for data past
 //! its cursor, takes everything available as coalesced [`Frame`]s, writes
