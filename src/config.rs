@@ -28,6 +28,8 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("SPILLWAY_LISTEN", "server.listen"),
     ("SPILLWAY_LOG_FORMAT", "log.format"),
     ("SPILLWAY_LOG_LEVEL", "log.level"),
+    ("SPILLWAY_DATABASE_URL", "store.database_url"),
+    ("SPILLWAY_DATA_DIR", "store.data_dir"),
 ];
 
 /// The whole configuration.
@@ -48,6 +50,8 @@ pub struct Config {
     pub breaker: BreakerSection,
     /// Prices per upstream model, for the cost of each reply.
     pub pricing: Vec<PriceConfig>,
+    /// The database and the write-behind persister.
+    pub store: StoreConfig,
     /// Upstreams, referenced by name from `models`.
     pub providers: Vec<ProviderConfig>,
     /// Model names clients may ask for, each mapped to provider targets.
@@ -64,6 +68,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             breaker: BreakerSection::default(),
             pricing: Vec::new(),
+            store: StoreConfig::default(),
             providers: vec![ProviderConfig {
                 name: "mock".into(),
                 kind: ProviderKind::Mock,
@@ -292,6 +297,74 @@ impl Default for BreakerSection {
             cooldown_secs: 15,
             half_open_probes: 1,
         }
+    }
+}
+
+/// `[store]`: the database and the persister in front of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://path` or `postgres://…`; default: the SQLite file
+    /// `spillway.db` under `data_dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// Directory for the default SQLite file and the persister's journal.
+    pub data_dir: String,
+    /// Database connections in the pool.
+    pub max_connections: u32,
+    /// Run pending migrations when `serve` starts.
+    pub migrate_on_start: bool,
+    /// Persist OpenAI-compatible requests (user message + reply) as a
+    /// conversation of their user.
+    pub persist_openai: bool,
+    /// Most records the persister writes in one transaction.
+    pub batch_max_rows: usize,
+    /// Milliseconds the persister waits to fill a batch.
+    pub batch_max_delay_ms: u64,
+    /// Records waiting to be journaled; past it, submitters wait.
+    pub queue_capacity: usize,
+    /// Bytes per journal segment file before it rolls over.
+    pub journal_segment_bytes: u64,
+    /// First retry delay (ms) while the database is failing; doubles.
+    pub retry_base_ms: u64,
+    /// Largest retry delay (ms) while the database is failing.
+    pub retry_max_ms: u64,
+    /// Seconds a graceful shutdown spends flushing to the database (what is
+    /// left stays in the journal for the next start).
+    pub shutdown_flush_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            data_dir: "data".into(),
+            max_connections: 8,
+            migrate_on_start: true,
+            persist_openai: true,
+            batch_max_rows: 256,
+            batch_max_delay_ms: 20,
+            queue_capacity: 4096,
+            journal_segment_bytes: 16 * 1024 * 1024,
+            retry_base_ms: 100,
+            retry_max_ms: 5_000,
+            shutdown_flush_secs: 10,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The database URL in force.
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            let path = Path::new(&self.data_dir).join("spillway.db");
+            format!("sqlite://{}?mode=rwc", path.display())
+        })
+    }
+
+    /// Where the persister keeps its journal.
+    pub fn journal_dir(&self) -> PathBuf {
+        Path::new(&self.data_dir).join("journal")
     }
 }
 
@@ -665,6 +738,43 @@ impl Config {
                 "breaker.half_open_probes",
                 &0,
                 "must be at least 1",
+            ));
+        }
+        let store = &self.store;
+        if let Some(url) = &store.database_url
+            && !["sqlite:", "postgres:", "postgresql:"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme))
+        {
+            // Never echo a URL: it may carry a password.
+            return Err(invalid(
+                "store.database_url",
+                &"<redacted>",
+                "expected sqlite://… or postgres://…",
+            ));
+        }
+        for (key, value) in [
+            ("store.max_connections", store.max_connections as u64),
+            ("store.batch_max_rows", store.batch_max_rows as u64),
+            ("store.queue_capacity", store.queue_capacity as u64),
+            ("store.retry_base_ms", store.retry_base_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, &0, "must be positive"));
+            }
+        }
+        if store.journal_segment_bytes < 4096 {
+            return Err(invalid(
+                "store.journal_segment_bytes",
+                &store.journal_segment_bytes,
+                "must be at least 4096",
+            ));
+        }
+        if store.retry_max_ms < store.retry_base_ms {
+            return Err(invalid(
+                "store.retry_max_ms",
+                &store.retry_max_ms,
+                "must be at least store.retry_base_ms",
             ));
         }
         for (i, price) in self.pricing.iter().enumerate() {

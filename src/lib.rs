@@ -22,6 +22,8 @@
 //!   Anthropic, the built-in mock), upstream SSE decoding, the normalized
 //!   `ProviderEvent`;
 //! - [`usage`]: tokens and cost of every reply, on every outcome;
+//! - [`store`]: SQLite / PostgreSQL persistence behind a journaled
+//!   write-behind persister;
 //! - [`config`]: typed TOML + `SPILLWAY_*` environment configuration;
 //! - [`telemetry`]: tracing setup;
 //! - [`shutdown`]: the signal that starts a graceful drain.
@@ -33,5 +35,6 @@ pub mod http;
 pub mod provider;
 pub mod routing;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;
 pub mod usage;
