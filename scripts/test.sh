@@ -20,6 +20,32 @@ if ! "$VENV/bin/python" -c 'import openai' >/dev/null 2>&1; then
 fi
 export SPILLWAY_TEST_PYTHON="$VENV/bin/python"
 
+# PostgreSQL: the store tests run against SQLite and a real PostgreSQL, and
+# the fault tests start throwaway clusters with initdb/pg_ctl. Use the one
+# on 127.0.0.1:5432 (trust auth) when it answers; start the machine's cluster
+# if it is installed but down; install it if it is missing.
+export SPILLWAY_TEST_POSTGRES_URL="${SPILLWAY_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
+pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    log "installing PostgreSQL"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+if ! pg_up; then
+    log "starting PostgreSQL"
+    for version in $(ls /etc/postgresql 2>/dev/null); do
+        pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    done
+    for _ in $(seq 1 30); do pg_up && break; sleep 1; done
+fi
+if pg_up; then
+    # Trust auth on loopback is how this machine kind is set up; make sure
+    # the test database exists.
+    psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1 \
+        || psql -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE test" >/dev/null
+else
+    echo "PostgreSQL is not reachable on 127.0.0.1:5432; the PostgreSQL tests will fail" >&2
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
     log "installing cargo-nextest"
     cargo install --locked cargo-nextest

@@ -304,6 +304,9 @@ impl Default for BreakerSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
+    /// Persist conversations and messages at all. Off: no database, the
+    /// history API answers 503 (a stateless proxy).
+    pub enabled: bool,
     /// `sqlite://path` or `postgres://…`; default: the SQLite file
     /// `spillway.db` under `data_dir`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -337,6 +340,7 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             database_url: None,
             data_dir: "data".into(),
             max_connections: 8,

@@ -4,73 +4,11 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-const BIN: &str = env!("CARGO_BIN_EXE_spillway");
-
-/// A spawned gateway process and everything it logged so far.
-struct Process {
-    child: Child,
-    addr: String,
-    log: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl Process {
-    /// Spawns `spillway serve` with `args` and `env`, waits for it to listen.
-    async fn serve(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(BIN);
-        command
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .env("SPILLWAY_LOG_FORMAT", "json")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().expect("spawn spillway");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let addr = loop {
-            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-                .await
-                .expect("gateway logs within 30 s")
-                .unwrap()
-                .expect("gateway exited before listening");
-            log.lock().unwrap().push_str(&line);
-            log.lock().unwrap().push('\n');
-            if let Some(rest) = line.split("http://").nth(1) {
-                break rest
-                    .split(|c: char| c == '"' || c.is_whitespace())
-                    .next()
-                    .unwrap()
-                    .to_owned();
-            }
-        };
-        let sink = std::sync::Arc::clone(&log);
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        Self { child, addr, log }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-}
+use tokio::process::Command;
 
 #[tokio::test]
 async fn serve_without_a_config_file_streams_the_mock_model() {

@@ -58,6 +58,7 @@ const KEEP: StartOptions = StartOptions {
     grace: Duration::from_secs(5),
     retain: Duration::from_secs(60),
     after_commit: AfterCommit::Continue,
+    persist: None,
 };
 
 /// Reads to the end; returns (text, frames read, outcome).
@@ -211,6 +212,7 @@ async fn zero_grace_cancels_as_soon_as_the_last_subscriber_leaves() {
         grace: Duration::ZERO,
         retain: Duration::ZERO,
         after_commit: AfterCommit::Continue,
+        persist: None,
     };
     let subscriber = start(&registry, mock(1000, 100), options).unwrap();
     let generation = Arc::clone(subscriber.generation());

@@ -429,6 +429,8 @@ async fn heartbeat_comments_keep_an_idle_stream_alive() {
     // A first-token limit above the silence.
     let mut config = test_config(&openai_config(&upstream));
     config.routing.ttft_timeout_ms = 120_000;
+    // Paused clock: no SQLite threads racing it (see tests/resilience.rs).
+    config.store.enabled = false;
     let gateway = TestGateway::start_with(config).await;
     let response = gateway.post_chat(&chat_body("gpt-test", true)).await;
     let events = SseReader::new(response).collect().await;
@@ -499,6 +501,8 @@ async fn an_upstream_slow_to_answer_still_gets_the_stream_opened_within_a_heartb
     // the answer.
     let mut config = test_config(&openai_config(&upstream));
     config.routing.ttft_timeout_ms = 120_000;
+    // Paused clock: no SQLite threads racing it (see tests/resilience.rs).
+    config.store.enabled = false;
     config.routing.retries_per_target = 0;
     let gateway = TestGateway::start_with(config).await;
 

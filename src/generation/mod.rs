@@ -27,12 +27,14 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use log::{CancelReason, Frame, Outcome};
-pub use registry::{Registry, RegistryError, StartOptions};
+pub use registry::{PersistTo, Registry, RegistryError, StartOptions};
 pub use reply::{Reply, ToolCall};
 
 use crate::error::ApiError;
 use crate::provider::{ProviderError, ProviderEvent};
 use crate::routing::{Ledger, RouteEvent, RouteStream, Served};
+use crate::store::persister::Persister;
+use crate::store::{MessageRow, MessageStatus, Record};
 use crate::usage::{self, Pricing, UsageRecord};
 use log::{Appended, Log, Progress};
 
@@ -55,6 +57,8 @@ pub struct Generation {
     pricing: Arc<Pricing>,
     /// The usage record, once the generation has ended.
     usage: OnceLock<UsageRecord>,
+    /// Where the finished reply goes.
+    persist: Option<(Persister, PersistTo)>,
     /// The event log every subscriber reads.
     log: Log,
     /// Largest coalesced frame handed to a subscriber.
@@ -155,10 +159,22 @@ impl Generation {
             // dispatch and with it the upstream connection.
             outcome = self.relay(dispatch) => outcome,
         };
-        self.log.end(outcome);
         // Whatever ended the reply, nobody may keep the upstream alive.
         self.cancel.cancel();
-        let record = self.usage_record();
+        // An explicit `cancel()` may have ended the log first: its reason
+        // stands.
+        let outcome = self.log.outcome().unwrap_or(outcome);
+        let record = self.usage_record(&outcome);
+        if let Some((persister, to)) = &self.persist {
+            let message = self.assistant_message(to, &record, &outcome);
+            // Readers see the end only once the reply is journaled: a
+            // client that got `[DONE]` has an acknowledged reply, which a
+            // crash cannot lose.
+            if let Err(err) = persister.submit(&Record::Message(message)).await {
+                tracing::error!(generation = %self.id, %err, "could not persist the reply");
+            }
+        }
+        self.log.end(outcome);
         tracing::info!(
             generation = %self.id,
             model = %record.model,
@@ -175,6 +191,47 @@ impl Generation {
             "generation ended"
         );
         drop(self.usage.set(record));
+    }
+
+    /// The assistant message of the ended generation: its whole text (or
+    /// what there is of it), how it ended, who answered and what it cost.
+    fn assistant_message(
+        &self,
+        to: &PersistTo,
+        record: &UsageRecord,
+        outcome: &Outcome,
+    ) -> MessageRow {
+        let mut reply = Reply::default();
+        let mut cursor = 0;
+        while let Some(frames) = self.log.read(cursor, usize::MAX) {
+            for frame in &frames {
+                reply.apply(frame);
+                cursor = frame.next;
+            }
+        }
+        let status = match outcome {
+            Outcome::Complete => MessageStatus::Complete,
+            Outcome::Failed(_) => MessageStatus::Failed,
+            Outcome::Cancelled(_) => MessageStatus::Aborted,
+        };
+        MessageRow {
+            id: Uuid::now_v7().to_string(),
+            conversation_id: to.conversation_id.clone(),
+            tenant_id: to.owner.tenant_id.clone(),
+            user_id: to.owner.user_id.clone(),
+            role: "assistant".into(),
+            content: reply.text,
+            status,
+            model: record.upstream_model.clone(),
+            provider: record.provider.clone(),
+            prompt_tokens: i64::try_from(record.usage.prompt_tokens).ok(),
+            completion_tokens: i64::try_from(record.usage.completion_tokens).ok(),
+            cost_usd: record.cost_usd,
+            usage_estimated: record.estimated,
+            client_message_id: None,
+            generation_id: Some(self.id.to_string()),
+            created_at: crate::store::now_ms(),
+        }
     }
 
     /// Appends the dispatched events; returns how the reply ended. On
@@ -213,15 +270,14 @@ impl Generation {
     }
 
     /// The usage record of the ended generation.
-    fn usage_record(&self) -> UsageRecord {
+    fn usage_record(&self, outcome: &Outcome) -> UsageRecord {
         let attempts = self.ledger.attempts();
         let (total, estimated, cost_usd) = usage::total(&attempts, &self.pricing);
-        let outcome = self.log.outcome();
-        let (label, error) = match &outcome {
-            Some(Outcome::Complete) => ("complete", None),
-            Some(Outcome::Failed(err)) => ("failed", Some(ApiError::from(err).code)),
-            Some(Outcome::Cancelled(CancelReason::Abandoned)) => ("aborted", None),
-            Some(Outcome::Cancelled(_)) | None => ("cancelled", None),
+        let (label, error) = match outcome {
+            Outcome::Complete => ("complete", None),
+            Outcome::Failed(err) => ("failed", Some(ApiError::from(err).code)),
+            Outcome::Cancelled(CancelReason::Abandoned) => ("aborted", None),
+            Outcome::Cancelled(_) => ("cancelled", None),
         };
         let served = self.served();
         UsageRecord {
@@ -366,6 +422,7 @@ pub(crate) struct Spec {
     pub dispatch: RouteStream,
     pub ledger: Arc<Ledger>,
     pub pricing: Arc<Pricing>,
+    pub persist: Option<(Persister, PersistTo)>,
     pub grace: Duration,
     pub max_frame_bytes: usize,
     pub max_reply_bytes: usize,
@@ -390,6 +447,7 @@ impl Generation {
             ledger: spec.ledger,
             pricing: spec.pricing,
             usage: OnceLock::new(),
+            persist: spec.persist,
             log: Log::new(spec.max_reply_bytes),
             max_frame_bytes: spec.max_frame_bytes,
             subscribers: watch::Sender::new(0),

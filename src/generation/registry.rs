@@ -16,10 +16,12 @@ use super::{Generation, GenerationId, Spec, Subscriber};
 use crate::config::GenerationConfig;
 use crate::provider::ChatRequest;
 use crate::routing::{AfterCommit, Ledger, Route, Router};
+use crate::store::Owner;
+use crate::store::persister::Persister;
 use crate::usage::Pricing;
 
 /// Per-start choices that differ between transports.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StartOptions {
     /// How long the generation runs on with no subscriber.
     pub grace: Duration,
@@ -27,6 +29,17 @@ pub struct StartOptions {
     pub retain: Duration,
     /// What to do when an upstream fails mid-answer.
     pub after_commit: AfterCommit,
+    /// Where the finished reply is stored, if anywhere.
+    pub persist: Option<PersistTo>,
+}
+
+/// Where a generation stores its assistant message when it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersistTo {
+    /// The conversation's owner.
+    pub owner: Owner,
+    /// The conversation the reply belongs to.
+    pub conversation_id: String,
 }
 
 /// Why a generation could not start.
@@ -55,6 +68,8 @@ pub struct Registry {
     config: GenerationConfig,
     /// Prices for every generation's usage record.
     pricing: Arc<Pricing>,
+    /// Where generations hand their finished replies, when persistence is on.
+    persister: Option<Persister>,
 }
 
 impl Registry {
@@ -66,7 +81,14 @@ impl Registry {
             shutdown: CancellationToken::new(),
             config,
             pricing: Arc::new(pricing),
+            persister: None,
         }
+    }
+
+    /// The same registry, storing finished replies through `persister`.
+    pub fn with_persister(mut self, persister: Persister) -> Self {
+        self.persister = Some(persister);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<GenerationId, Arc<Generation>>> {
@@ -92,6 +114,10 @@ impl Registry {
             dispatch: router.dispatch(route, request, options.after_commit, Arc::clone(&ledger)),
             ledger,
             pricing: Arc::clone(&self.pricing),
+            persist: options
+                .persist
+                .clone()
+                .and_then(|to| self.persister.clone().map(|persister| (persister, to))),
             grace: options.grace,
             max_frame_bytes: self.config.max_frame_bytes,
             max_reply_bytes: self.config.max_reply_bytes,

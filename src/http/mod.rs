@@ -1,16 +1,17 @@
 //! The HTTP edge: the axum router, its middleware, and serving.
 //!
-//! One file per surface: [`openai`] (the OpenAI-compatible API) and
-//! [`assets`] (the demo page). Every handler returns [`ApiError`] on
+//! One file per surface: [`openai`] (the OpenAI-compatible API),
+//! [`conversations`] (the history API) and [`assets`] (the demo page). Every handler returns [`ApiError`] on
 //! failure; every response carries an `x-request-id` (the client's, when it
 //! sent one, else a fresh UUIDv7).
 
 pub mod assets;
+pub mod conversations;
 pub mod openai;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -31,6 +32,8 @@ use crate::error::ApiError;
 use crate::generation::Registry;
 use crate::provider::{ApiKey, BuildError};
 use crate::routing;
+use crate::store::persister::{PersistError, Persister, Running};
+use crate::store::{Owner, Store, StoreError};
 
 /// The header carrying the request id, in and out.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -44,19 +47,70 @@ pub struct Gateway {
     pub routes: Arc<routing::Router>,
     /// Live generations on this instance.
     pub generations: Arc<Registry>,
+    /// The database (history API reads and synchronous writes); `None`
+    /// when persistence is switched off.
+    pub store: Option<Arc<dyn Store>>,
+    /// The write-behind path for messages; `None` when switched off.
+    pub persister: Option<Persister>,
+    /// The persister's tasks, taken at shutdown to flush.
+    running: Mutex<Option<Running>>,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A provider could not be built.
+    #[error(transparent)]
+    Provider(#[from] BuildError),
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The persister's journal could not be opened.
+    #[error(transparent)]
+    Persister(#[from] PersistError),
 }
 
 impl Gateway {
-    /// Builds providers, routes and the registry from a validated config.
-    pub fn from_config(config: Config) -> Result<Arc<Self>, BuildError> {
+    /// Builds providers and routes, opens (and migrates, unless told not
+    /// to) the database, starts the persister (which replays its journal),
+    /// from a validated config.
+    pub async fn open(config: Config) -> Result<Arc<Self>, StartError> {
         let routes = Arc::new(routing::Router::from_config(&config)?);
         let pricing = crate::usage::Pricing::from_config(&config.pricing);
-        let generations = Arc::new(Registry::new(config.generation.clone(), pricing));
+        let mut registry = Registry::new(config.generation.clone(), pricing);
+        let (store, persister, running) = if config.store.enabled {
+            let store = crate::store::open(&config.store).await?;
+            if config.store.migrate_on_start {
+                store.migrate().await?;
+            }
+            let (persister, running) = Persister::start(Arc::clone(&store), &config.store).await?;
+            registry = registry.with_persister(persister.clone());
+            (Some(store), Some(persister), Some(running))
+        } else {
+            tracing::warn!("persistence is switched off ([store] enabled = false)");
+            (None, None, None)
+        };
         Ok(Arc::new(Self {
             config,
             routes,
-            generations,
+            generations: Arc::new(registry),
+            store,
+            persister,
+            running: Mutex::new(running),
         }))
+    }
+
+    /// Flushes the persister (once); called at the end of a drain.
+    pub async fn flush_persister(&self) {
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(running) = running {
+            let deadline = Duration::from_secs(self.config.store.shutdown_flush_secs);
+            running.shutdown(deadline).await;
+        }
     }
 
     /// Problems `serve` would refuse to start with that are not in the file
@@ -79,6 +133,22 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/healthz", get(healthz))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route(
+            "/v1/conversations",
+            post(conversations::create).get(conversations::list),
+        )
+        .route(
+            "/v1/conversations/{id}",
+            get(conversations::get)
+                .patch(conversations::rename)
+                .delete(conversations::delete),
+        )
+        .route("/v1/conversations/{id}/messages", get(conversations::messages))
+        .route(
+            "/v1/me",
+            axum::routing::delete(conversations::erase),
+        )
+        .route("/v1/me/export", get(conversations::export))
         .fallback(no_route)
         .with_state(gateway)
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
@@ -99,7 +169,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     crate::telemetry::init(&config.log);
     let addr = config.server.listen_addr()?;
-    let gateway = Gateway::from_config(config)?;
+    let gateway = Gateway::open(config).await?;
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let models: Vec<&str> = gateway.routes.models().collect();
@@ -118,6 +188,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let grace = Duration::from_secs(gateway.config.server.shutdown_grace_secs);
     let registry = Arc::clone(&gateway.generations);
+    let flushed = Arc::clone(&gateway);
     let app = router(gateway).into_make_service_with_connect_info::<SocketAddr>();
     // Tokens are tiny writes that must leave at once: no Nagle delay.
     let listener = listener.tap_io(|tcp| {
@@ -145,6 +216,9 @@ pub async fn serve(
         .await?;
     deadline.abort();
     registry.shutdown(Duration::from_secs(5)).await;
+    // Generations have handed over their replies: flush them to the
+    // database (what does not make it stays journaled).
+    flushed.flush_persister().await;
     Ok(())
 }
 
@@ -156,6 +230,81 @@ async fn no_route(RequestId(id): RequestId, OriginalUri(uri): OriginalUri) -> Re
     ApiError::no_route(uri.path())
         .with_request_id(&id)
         .into_response()
+}
+
+/// Reads a request body up to `limit` bytes: 413 past it, 400 if it breaks
+/// off.
+pub(crate) async fn read_body(
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => Ok(bytes),
+        Err(err) => {
+            let too_large = std::error::Error::source(&err)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                Err(ApiError::body_too_large(limit))
+            } else {
+                Err(ApiError::invalid_request(
+                    "invalid_body",
+                    "The request body could not be read",
+                ))
+            }
+        }
+    }
+}
+
+/// Parses a JSON body into `T`; every rejection is a typed 400 naming the
+/// field at fault.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|_| {
+        ApiError::invalid_request("invalid_encoding", "The request body is not valid UTF-8")
+    })?;
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_data() {
+            let api =
+                ApiError::invalid_request("invalid_type", format!("Invalid request: {inner}"));
+            if path == "." {
+                api
+            } else {
+                api.with_param(path)
+            }
+        } else {
+            ApiError::invalid_request(
+                "invalid_json",
+                format!("The request body is not valid JSON: {inner}"),
+            )
+        }
+    })?;
+    deserializer.end().map_err(|err| {
+        ApiError::invalid_request(
+            "invalid_json",
+            format!("The request body is not valid JSON: {err}"),
+        )
+    })?;
+    Ok(value)
+}
+
+/// The header naming the user in development mode (until authentication is
+/// configured, which switches it off; see docs/conversations.md).
+pub const DEV_USER: HeaderName = HeaderName::from_static("x-spillway-user");
+
+/// The tenant every development-mode user belongs to.
+pub const DEV_TENANT: &str = "default";
+
+/// The user a request names with `X-Spillway-User`, if it names a valid one
+/// (1 to 128 visible ASCII characters).
+pub fn dev_owner(headers: &http::HeaderMap) -> Option<Owner> {
+    let user = headers.get(DEV_USER)?.to_str().ok()?.trim();
+    let valid = !user.is_empty() && user.len() <= 128 && user.bytes().all(|b| b.is_ascii_graphic());
+    valid.then(|| Owner {
+        tenant_id: DEV_TENANT.to_owned(),
+        user_id: user.to_owned(),
+    })
 }
 
 /// The request id, as set (or kept) by the request-id middleware.

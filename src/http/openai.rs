@@ -23,10 +23,12 @@ use serde_json::{Map, Value, json};
 
 use super::{Gateway, RequestId};
 use crate::error::ApiError;
-use crate::generation::{Frame, Outcome, Read, Reply, StartOptions, Subscriber};
+use crate::generation::{Frame, Outcome, PersistTo, Read, Reply, StartOptions, Subscriber};
 use crate::provider::request::{Content, Role};
 use crate::provider::{ChatRequest, ProviderEvent, Usage};
 use crate::routing::AfterCommit;
+use crate::store::persister::Persister;
+use crate::store::{ConversationRow, MessageRow, MessageStatus, Owner, Record};
 
 /// `GET /v1/models`: the configured model names.
 pub async fn list_models(State(gateway): State<Arc<Gateway>>) -> Response {
@@ -63,18 +65,26 @@ async fn complete(
     request: Request,
 ) -> Result<Response, ApiError> {
     let limit = gateway.config.server.max_body_bytes;
-    let body = read_body(request.into_body(), limit).await?;
+    let owner = super::dev_owner(request.headers());
+    let body = super::read_body(request.into_body(), limit).await?;
     let (chat, delivery) = parse_request(&body)?;
 
     let route = gateway
         .routes
         .route(&chat.model)
         .ok_or_else(|| ApiError::unknown_model(&chat.model))?;
+    let persist = match &gateway.persister {
+        Some(persister) if gateway.config.store.persist_openai => {
+            Some(persist_request(persister, owner, &chat).await)
+        }
+        _ => None,
+    };
     let options = StartOptions {
         grace: Duration::ZERO,
         retain: Duration::ZERO,
         // OpenAI clients cannot be told to discard a partial answer.
         after_commit: AfterCommit::Continue,
+        persist,
     };
     let model = route.name.clone();
     let mut subscriber = gateway
@@ -105,60 +115,71 @@ async fn complete(
     }
 }
 
-/// Reads the body up to `limit` bytes: 413 past it, 400 if it breaks off.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => Ok(bytes),
-        Err(err) => {
-            let too_large = std::error::Error::source(&err)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                Err(ApiError::body_too_large(limit))
-            } else {
-                Err(ApiError::invalid_request(
-                    "invalid_body",
-                    "The request body could not be read",
-                ))
-            }
+/// Records an OpenAI-compatible request as a new conversation of its user
+/// (`X-Spillway-User`, else the request's `user` field, else `api`) holding
+/// the request's last user message; the reply joins it when it ends. The
+/// records are queued, not awaited to disk: nobody waits for an ack here,
+/// and the stream must not wait on persistence.
+async fn persist_request(
+    persister: &Persister,
+    owner: Option<Owner>,
+    chat: &ChatRequest,
+) -> PersistTo {
+    let owner = owner.unwrap_or_else(|| Owner {
+        tenant_id: super::DEV_TENANT.to_owned(),
+        user_id: chat
+            .user
+            .clone()
+            .filter(|u| !u.is_empty() && u.len() <= 128)
+            .unwrap_or_else(|| "api".to_owned()),
+    });
+    let now = crate::store::now_ms();
+    let conversation_id = uuid::Uuid::now_v7().to_string();
+    let conversation = ConversationRow {
+        id: conversation_id.clone(),
+        tenant_id: owner.tenant_id.clone(),
+        user_id: owner.user_id.clone(),
+        title: None,
+        metadata: json!({ "source": "openai" }),
+        created_at: now,
+        updated_at: now,
+    };
+    let last_user = chat.messages.iter().rev().find(|m| m.role == Role::User);
+    let message = last_user.map(|m| MessageRow {
+        id: uuid::Uuid::now_v7().to_string(),
+        conversation_id: conversation_id.clone(),
+        tenant_id: owner.tenant_id.clone(),
+        user_id: owner.user_id.clone(),
+        role: "user".into(),
+        content: m.joined_text(),
+        status: MessageStatus::Complete,
+        model: None,
+        provider: None,
+        prompt_tokens: None,
+        completion_tokens: None,
+        cost_usd: None,
+        usage_estimated: false,
+        client_message_id: None,
+        generation_id: None,
+        created_at: now,
+    });
+    let mut records = vec![Record::Conversation(conversation)];
+    records.extend(message.map(Record::Message));
+    for record in &records {
+        if let Err(err) = persister.enqueue(record).await {
+            tracing::error!(%err, "could not queue the request for persistence");
         }
+    }
+    PersistTo {
+        owner,
+        conversation_id,
     }
 }
 
 /// Parses and checks a chat completion request. Every rejection is a typed
 /// 400 naming the field at fault.
 fn parse_request(body: &[u8]) -> Result<(ChatRequest, Delivery), ApiError> {
-    let text = std::str::from_utf8(body).map_err(|_| {
-        ApiError::invalid_request("invalid_encoding", "The request body is not valid UTF-8")
-    })?;
-    let mut deserializer = serde_json::Deserializer::from_str(text);
-    let mut chat: ChatRequest = match serde_path_to_error::deserialize(&mut deserializer) {
-        Ok(chat) => chat,
-        Err(err) => {
-            let path = err.path().to_string();
-            let inner = err.into_inner();
-            return Err(if inner.is_data() {
-                let err =
-                    ApiError::invalid_request("invalid_type", format!("Invalid request: {inner}"));
-                if path == "." {
-                    err
-                } else {
-                    err.with_param(path)
-                }
-            } else {
-                ApiError::invalid_request(
-                    "invalid_json",
-                    format!("The request body is not valid JSON: {inner}"),
-                )
-            });
-        }
-    };
-    deserializer.end().map_err(|err| {
-        ApiError::invalid_request(
-            "invalid_json",
-            format!("The request body is not valid JSON: {err}"),
-        )
-    })?;
-
+    let mut chat: ChatRequest = super::parse_json(body)?;
     let delivery = take_delivery(&mut chat.extra)?;
     if chat.model.trim().is_empty() {
         return Err(

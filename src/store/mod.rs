@@ -18,6 +18,7 @@ pub mod journal;
 pub mod migrations;
 pub mod persister;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 use std::fmt;
@@ -316,7 +317,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     ) -> BoxFuture<'a, Result<Option<Deleted>, StoreError>>;
 
     /// Everything stored about the owner.
-    fn export_user<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<UserExport, StoreError>>;
+    fn export_user<'a>(&'a self, owner: &'a Owner)
+    -> BoxFuture<'a, Result<UserExport, StoreError>>;
 
     /// Deletes everything stored about the owner (conversations, messages,
     /// usage), leaving a tombstone.

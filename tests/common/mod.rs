@@ -3,6 +3,8 @@
 #![allow(dead_code)] // each test binary uses a different subset
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
+pub mod db;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -353,6 +355,8 @@ pub struct TestGateway {
     pub gateway: Arc<Gateway>,
     stop: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
+    /// Removed when the gateway is dropped.
+    _data_dir: Option<tempfile::TempDir>,
 }
 
 impl TestGateway {
@@ -361,8 +365,15 @@ impl TestGateway {
         Self::start_with(test_config(toml)).await
     }
 
-    pub async fn start_with(config: Config) -> Self {
-        let gateway = Gateway::from_config(config).expect("gateway builds");
+    pub async fn start_with(mut config: Config) -> Self {
+        // Each gateway gets its own data dir (SQLite file and journal),
+        // unless the test chose one.
+        let data_dir = (config.store == spillway::config::StoreConfig::default()).then(|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            config.store.data_dir = dir.path().display().to_string();
+            dir
+        });
+        let gateway = Gateway::open(config).await.expect("gateway starts");
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind gateway");
@@ -381,6 +392,7 @@ impl TestGateway {
             gateway,
             stop: Some(stop),
             server,
+            _data_dir: data_dir,
         }
     }
 
@@ -392,6 +404,16 @@ impl TestGateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The gateway's persister (persistence must be on).
+    pub fn persister(&self) -> &spillway::store::persister::Persister {
+        self.gateway.persister.as_ref().expect("persistence is on")
+    }
+
+    /// The gateway's store (persistence must be on).
+    pub fn store(&self) -> &Arc<dyn spillway::store::Store> {
+        self.gateway.store.as_ref().expect("persistence is on")
     }
 
     /// `POST /v1/chat/completions` with `body`.
@@ -555,5 +577,68 @@ pub fn final_error(events: &[ClientEvent]) -> &Value {
     match events.last() {
         Some(ClientEvent::Json(last)) if last.get("error").is_some() => &last["error"],
         other => panic!("expected a final error event, got {other:?}"),
+    }
+}
+
+/// The gateway binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_spillway");
+
+/// A spawned gateway process and everything it logged so far.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub addr: String,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Process {
+    /// Spawns `spillway serve` with `args` and `env`, waits for it to listen.
+    pub async fn serve(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = tokio::process::Command::new(BIN);
+        command
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("SPILLWAY_LOG_FORMAT", "json")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn spillway");
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+            child.stderr.take().unwrap(),
+        ));
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let addr = loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .expect("gateway logs within 30 s")
+                .unwrap()
+                .expect("gateway exited before listening");
+            log.lock().unwrap().push_str(&line);
+            log.lock().unwrap().push('\n');
+            if let Some(rest) = line.split("http://").nth(1) {
+                break rest
+                    .split(|c: char| c == '"' || c.is_whitespace())
+                    .next()
+                    .unwrap()
+                    .to_owned();
+            }
+        };
+        let sink = std::sync::Arc::clone(&log);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Self { child, addr, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
     }
 }
