@@ -26,7 +26,12 @@ fn record(i: usize) -> Record {
         conversation_id: format!("01950000-0000-7000-8000-{:012}", i % 100),
         tenant_id: "bench".into(),
         user_id: format!("user-{}", i % 100),
-        role: if i.is_multiple_of(2) { "user" } else { "assistant" }.into(),
+        role: if i.is_multiple_of(2) {
+            "user"
+        } else {
+            "assistant"
+        }
+        .into(),
         content: "A typical chat message of a few sentences, about two hundred bytes long, \
                   which is what a widget sends and what a model answers in one short reply."
             .into(),

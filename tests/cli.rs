@@ -218,3 +218,47 @@ async fn sigterm_lets_a_running_stream_finish_then_exits_cleanly() {
     assert!(status.success(), "{status:?}");
     assert!(process.log.lock().unwrap().contains("SIGTERM received"));
 }
+
+#[tokio::test]
+async fn migrate_creates_the_schema_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spillway.toml");
+    std::fs::write(
+        &path,
+        format!("[store]\ndata_dir = \"{}\"\n", dir.path().display()),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let out = Command::new(BIN)
+            .args(["migrate", "--config"])
+            .arg(&path)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("migrations applied (sqlite)"));
+    }
+    // The tables are there: the store answers a query on them.
+    let store = spillway::store::open(&spillway::config::StoreConfig {
+        data_dir: dir.path().display().to_string(),
+        ..spillway::config::StoreConfig::default()
+    })
+    .await
+    .unwrap();
+    let owner = spillway::store::Owner {
+        tenant_id: "default".into(),
+        user_id: "nobody".into(),
+    };
+    assert!(
+        store
+            .export_user(&owner)
+            .await
+            .unwrap()
+            .conversations
+            .is_empty()
+    );
+}
