@@ -114,12 +114,6 @@ async fn a_database_outage_loses_no_acknowledged_message() {
         .expect("the persister caught up");
     let messages = messages_of(&store, "ada").await;
     assert_eq!(pairs(&messages), expected(10), "every message exactly once");
-    assert!(
-        stats
-            .write_errors
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-    );
     assert!(messages.iter().all(|m| m.status == MessageStatus::Complete));
 }
 
