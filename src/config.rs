@@ -52,6 +52,8 @@ pub struct Config {
     pub pricing: Vec<PriceConfig>,
     /// The database and the write-behind persister.
     pub store: StoreConfig,
+    /// The native protocol: WebSocket and SSE conversations.
+    pub chat: ChatConfig,
     /// Upstreams, referenced by name from `models`.
     pub providers: Vec<ProviderConfig>,
     /// Model names clients may ask for, each mapped to provider targets.
@@ -69,6 +71,7 @@ impl Default for Config {
             breaker: BreakerSection::default(),
             pricing: Vec::new(),
             store: StoreConfig::default(),
+            chat: ChatConfig::default(),
             providers: vec![ProviderConfig {
                 name: "mock".into(),
                 kind: ProviderKind::Mock,
@@ -296,6 +299,55 @@ impl Default for BreakerSection {
             failure_ratio: 0.5,
             cooldown_secs: 15,
             half_open_probes: 1,
+        }
+    }
+}
+
+/// `[chat]`: conversations over the native protocol (WebSocket, SSE).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// The model a `send` without one uses; empty: the first `[[models]]`.
+    pub default_model: String,
+    /// Largest user message, in bytes.
+    pub max_message_bytes: usize,
+    /// Most earlier messages sent to the model as context.
+    pub max_context_messages: usize,
+    /// Most conversations one connection subscribes to.
+    pub max_subscriptions: usize,
+    /// Most replies one user has running at once.
+    pub max_generations_per_user: usize,
+    /// Non-token events queued per connection before it is a slow consumer.
+    pub outbox_capacity: usize,
+    /// Largest WebSocket message (and frame) a client may send; past it the
+    /// connection closes with 1009.
+    pub ws_max_message_bytes: usize,
+    /// Seconds between server pings (browsers and iOS never ping).
+    pub ping_interval_secs: u64,
+    /// Seconds to wait for a pong before closing (4000).
+    pub pong_timeout_secs: u64,
+    /// Milliseconds one write may block before the client is a slow
+    /// consumer (1013).
+    pub write_timeout_ms: u64,
+    /// Seconds a connection may live before it is asked to reconnect
+    /// (4001, then resume); 0: unlimited.
+    pub max_connection_secs: u64,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            default_model: String::new(),
+            max_message_bytes: 32 * 1024,
+            max_context_messages: 50,
+            max_subscriptions: 32,
+            max_generations_per_user: 4,
+            outbox_capacity: 64,
+            ws_max_message_bytes: 64 * 1024,
+            ping_interval_secs: 20,
+            pong_timeout_secs: 20,
+            write_timeout_ms: 10_000,
+            max_connection_secs: 3_600,
         }
     }
 }
@@ -742,6 +794,43 @@ impl Config {
                 "breaker.half_open_probes",
                 &0,
                 "must be at least 1",
+            ));
+        }
+        let chat = &self.chat;
+        if !chat.default_model.is_empty()
+            && !self.models.iter().any(|m| m.name == chat.default_model)
+        {
+            return Err(invalid(
+                "chat.default_model",
+                &chat.default_model,
+                "no [[models]] entry has this name",
+            ));
+        }
+        for (key, value) in [
+            ("chat.max_message_bytes", chat.max_message_bytes as u64),
+            (
+                "chat.max_context_messages",
+                chat.max_context_messages as u64,
+            ),
+            ("chat.max_subscriptions", chat.max_subscriptions as u64),
+            (
+                "chat.max_generations_per_user",
+                chat.max_generations_per_user as u64,
+            ),
+            ("chat.outbox_capacity", chat.outbox_capacity as u64),
+            ("chat.ping_interval_secs", chat.ping_interval_secs),
+            ("chat.pong_timeout_secs", chat.pong_timeout_secs),
+            ("chat.write_timeout_ms", chat.write_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, &0, "must be positive"));
+            }
+        }
+        if chat.ws_max_message_bytes < chat.max_message_bytes {
+            return Err(invalid(
+                "chat.ws_max_message_bytes",
+                &chat.ws_max_message_bytes,
+                "must be at least chat.max_message_bytes",
             ));
         }
         let store = &self.store;

@@ -13,6 +13,9 @@
 //! - [`http`]: the axum router and one file per surface (the
 //!   OpenAI-compatible API in `http/openai.rs`, static assets);
 //! - [`error`]: `ApiError`, the edge type every handler returns;
+//! - [`protocol`]: the native wire protocol's frames (WebSocket and SSE);
+//! - [`chat`]: conversations live: rooms, members, presence, typing, sends
+//!   and the replies they start;
 //! - [`routing`]: model name → provider targets; retries, fail-over,
 //!   continuation of cut replies, timeouts, circuit breakers;
 //! - [`generation`]: the heart: one in-flight reply as an append-only event
@@ -28,10 +31,12 @@
 //! - [`telemetry`]: tracing setup;
 //! - [`shutdown`]: the signal that starts a graceful drain.
 
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generation;
 pub mod http;
+pub mod protocol;
 pub mod provider;
 pub mod routing;
 pub mod shutdown;

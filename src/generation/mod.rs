@@ -41,6 +41,19 @@ use log::{Appended, Log, Progress};
 /// A generation's id: a UUIDv7, so ids sort by creation time.
 pub type GenerationId = Uuid;
 
+/// The epoch of every log this process holds: its start time in Unix ms.
+/// A resume that names another epoch refers to a log this process never
+/// had (it restarted, or the log lives elsewhere): the client must reload
+/// from history rather than risk a gap.
+pub fn epoch() -> u64 {
+    static EPOCH: OnceLock<u64> = OnceLock::new();
+    *EPOCH.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    })
+}
+
 /// One in-flight (or recently finished) assistant reply.
 #[derive(Debug)]
 pub struct Generation {
@@ -59,6 +72,9 @@ pub struct Generation {
     usage: OnceLock<UsageRecord>,
     /// Where the finished reply goes.
     persist: Option<(Persister, PersistTo)>,
+    /// Whose reply this is, and in which conversation (even when not
+    /// persisted).
+    persist_to: Option<PersistTo>,
     /// The event log every subscriber reads.
     log: Log,
     /// Largest coalesced frame handed to a subscriber.
@@ -85,6 +101,29 @@ impl Generation {
     /// The model name the client asked for.
     pub fn model(&self) -> &str {
         &self.model
+    }
+
+    /// The epoch of this generation's log.
+    pub fn epoch(&self) -> u64 {
+        epoch()
+    }
+
+    /// The conversation owner and conversation it answers, if it is stored.
+    pub fn persisted_to(&self) -> Option<&PersistTo> {
+        self.persist_to.as_ref()
+    }
+
+    /// The reply so far (or whole, once ended), assembled from the log.
+    pub fn reply(&self) -> Reply {
+        let mut reply = Reply::default();
+        let mut cursor = 0;
+        while let Some(frames) = self.log.read(cursor, usize::MAX) {
+            for frame in &frames {
+                reply.apply(frame);
+                cursor = frame.next;
+            }
+        }
+        reply
     }
 
     /// The target answering now, once one has accepted.
@@ -201,14 +240,7 @@ impl Generation {
         record: &UsageRecord,
         outcome: &Outcome,
     ) -> MessageRow {
-        let mut reply = Reply::default();
-        let mut cursor = 0;
-        while let Some(frames) = self.log.read(cursor, usize::MAX) {
-            for frame in &frames {
-                reply.apply(frame);
-                cursor = frame.next;
-            }
-        }
+        let reply = self.reply();
         let status = match outcome {
             Outcome::Complete => MessageStatus::Complete,
             Outcome::Failed(_) => MessageStatus::Failed,
@@ -423,6 +455,7 @@ pub(crate) struct Spec {
     pub ledger: Arc<Ledger>,
     pub pricing: Arc<Pricing>,
     pub persist: Option<(Persister, PersistTo)>,
+    pub persist_to: Option<PersistTo>,
     pub grace: Duration,
     pub max_frame_bytes: usize,
     pub max_reply_bytes: usize,
@@ -448,6 +481,7 @@ impl Generation {
             pricing: spec.pricing,
             usage: OnceLock::new(),
             persist: spec.persist,
+            persist_to: spec.persist_to,
             log: Log::new(spec.max_reply_bytes),
             max_frame_bytes: spec.max_frame_bytes,
             subscribers: watch::Sender::new(0),

@@ -118,6 +118,7 @@ impl Registry {
                 .persist
                 .clone()
                 .and_then(|to| self.persister.clone().map(|persister| (persister, to))),
+            persist_to: options.persist.clone(),
             grace: options.grace,
             max_frame_bytes: self.config.max_frame_bytes,
             max_reply_bytes: self.config.max_reply_bytes,
@@ -179,6 +180,11 @@ impl Registry {
                 "generations still running at the shutdown deadline"
             );
         }
+    }
+
+    /// A token cancelled when the registry shuts down.
+    pub fn shutting_down(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 
     /// The generation settings this registry enforces.

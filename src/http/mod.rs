@@ -8,6 +8,8 @@
 pub mod assets;
 pub mod conversations;
 pub mod openai;
+pub mod sse;
+pub mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -54,6 +56,10 @@ pub struct Gateway {
     pub persister: Option<Persister>,
     /// The persister's tasks, taken at shutdown to flush.
     running: Mutex<Option<Running>>,
+    /// Conversations live: rooms, presence, sends.
+    pub chat: crate::chat::Chat,
+    /// Live WebSocket connections.
+    pub connections: ws::Connections,
 }
 
 /// Why the gateway could not start.
@@ -90,13 +96,23 @@ impl Gateway {
             tracing::warn!("persistence is switched off ([store] enabled = false)");
             (None, None, None)
         };
+        let generations = Arc::new(registry);
+        let chat = crate::chat::Chat::new(
+            &config,
+            store.clone(),
+            persister.clone(),
+            Arc::clone(&generations),
+            Arc::clone(&routes),
+        );
         Ok(Arc::new(Self {
             config,
             routes,
-            generations: Arc::new(registry),
+            generations,
             store,
             persister,
             running: Mutex::new(running),
+            chat,
+            connections: ws::Connections::default(),
         }))
     }
 
@@ -143,12 +159,18 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
                 .patch(conversations::rename)
                 .delete(conversations::delete),
         )
-        .route("/v1/conversations/{id}/messages", get(conversations::messages))
+        .route(
+            "/v1/conversations/{id}/messages",
+            get(conversations::messages).post(sse::send),
+        )
         .route(
             "/v1/me",
             axum::routing::delete(conversations::erase),
         )
         .route("/v1/me/export", get(conversations::export))
+        .route("/v1/ws", get(ws::upgrade))
+        .route("/v1/generations/{id}/events", get(sse::events))
+        .route("/v1/generations/{id}/cancel", post(sse::cancel))
         .fallback(no_route)
         .with_state(gateway)
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
@@ -299,7 +321,13 @@ pub const DEV_TENANT: &str = "default";
 /// The user a request names with `X-Spillway-User`, if it names a valid one
 /// (1 to 128 visible ASCII characters).
 pub fn dev_owner(headers: &http::HeaderMap) -> Option<Owner> {
-    let user = headers.get(DEV_USER)?.to_str().ok()?.trim();
+    owner_named(headers.get(DEV_USER)?.to_str().ok()?)
+}
+
+/// The development-mode user called `name`, if it is a valid name (1 to
+/// 128 visible ASCII characters).
+pub fn owner_named(name: &str) -> Option<Owner> {
+    let user = name.trim();
     let valid = !user.is_empty() && user.len() <= 128 && user.bytes().all(|b| b.is_ascii_graphic());
     valid.then(|| Owner {
         tenant_id: DEV_TENANT.to_owned(),

@@ -1,0 +1,786 @@
+//! Conversations, live: who is connected to which conversation (rooms),
+//! presence and typing, and `send`: store the user's message, tell the other
+//! devices, start the reply and let every member stream it.
+//!
+//! A **room** is a conversation with at least one connected member. Members
+//! are connections (a user's phone and laptop are two members); presence is
+//! per user. Non-token events reach a member through its [`Outbox`], a small
+//! bounded queue; the reply's tokens never go through it: each member reads
+//! the generation's log through its own cursor.
+//!
+//! This is the single-instance implementation; the cluster work fans rooms
+//! out across instances.
+
+mod outbox;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+pub use outbox::{Outbox, Popped};
+
+use crate::config::{ChatConfig, Config};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+
+use crate::error::ApiError;
+use crate::generation::{
+    CancelReason, Generation, Outcome, PersistTo, Read, Registry, StartOptions, Subscriber,
+};
+use crate::protocol::ServerFrame;
+use crate::provider::request::Role;
+use crate::provider::{ChatRequest, Message, ProviderEvent};
+use crate::routing::{AfterCommit, Router};
+use crate::store::persister::Persister;
+use crate::store::{
+    ConversationRow, MessageRow, MessageStatus, Order, Owner, PageRequest, Record, Store,
+};
+
+/// A connection's id.
+pub type ConnectionId = u64;
+
+/// Why a chat operation failed; each maps to a protocol error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChatError {
+    /// The conversation does not exist or is not the user's.
+    #[error("no such conversation")]
+    NotFound,
+    /// The frame's values are not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The model is not configured.
+    #[error("unknown model '{0}'")]
+    UnknownModel(String),
+    /// The user has too many replies running.
+    #[error("too many replies in progress (limit {0})")]
+    TooManyGenerations(usize),
+    /// The connection subscribes to too many conversations.
+    #[error("too many subscriptions on this connection (limit {0})")]
+    TooManySubscriptions(usize),
+    /// Not subscribed to the conversation.
+    #[error("not subscribed to this conversation")]
+    NotSubscribed,
+    /// The database is unavailable.
+    #[error("the database is unavailable")]
+    StoreUnavailable,
+    /// The message could not be made durable.
+    #[error("the message could not be stored")]
+    NotStored,
+    /// The gateway cannot start a reply now.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ChatError {
+    /// The protocol error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotFound => "conversation_not_found",
+            Self::Invalid(_) => "invalid_frame",
+            Self::UnknownModel(_) => "model_not_found",
+            Self::TooManyGenerations(_) => "too_many_generations",
+            Self::TooManySubscriptions(_) => "too_many_subscriptions",
+            Self::NotSubscribed => "not_subscribed",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::NotStored => "not_stored",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// Whether the same frame may succeed later.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::TooManyGenerations(_)
+                | Self::StoreUnavailable
+                | Self::NotStored
+                | Self::Unavailable(_)
+        )
+    }
+
+    /// As a protocol error frame.
+    pub fn frame(&self, client_message_id: Option<String>) -> ServerFrame {
+        ServerFrame::Error {
+            code: self.code().to_owned(),
+            message: self.to_string(),
+            retryable: self.retryable(),
+            generation_id: None,
+            client_message_id,
+        }
+    }
+}
+
+/// One connected member of a room.
+#[derive(Debug, Clone)]
+struct Member {
+    /// Presence is per user.
+    user_id: String,
+    /// Where the room's events go.
+    outbox: Arc<Outbox>,
+}
+
+/// A send already answered: a resend with the same client id gets this.
+#[derive(Debug, Clone)]
+struct Sent {
+    message_id: String,
+    generation_id: String,
+}
+
+/// A conversation with connected members.
+#[derive(Debug, Default)]
+struct Room {
+    /// Members by connection.
+    members: HashMap<ConnectionId, Member>,
+    /// The conversation so far, oldest first, loaded from the store when
+    /// the room opens and kept current by sends and finished replies (the
+    /// store lags the persister by a batch).
+    history: Option<Vec<(Role, String)>>,
+    /// Replies started here whose text joins `history` once they end.
+    replies: Vec<Arc<Generation>>,
+    /// Recent sends by client message id (bounded), for idempotency.
+    sent: HashMap<String, Sent>,
+    /// Insertion order of `sent`, to forget the oldest.
+    sent_order: VecDeque<String>,
+}
+
+/// The live side of conversations.
+#[derive(Debug)]
+pub struct Chat {
+    config: ChatConfig,
+    /// The model of a `send` that names none.
+    default_model: String,
+    /// How long a reply runs on with nobody reading.
+    grace: Duration,
+    /// How long a finished reply stays resumable.
+    resume_window: Duration,
+    store: Option<Arc<dyn Store>>,
+    persister: Option<Persister>,
+    generations: Arc<Registry>,
+    routes: Arc<Router>,
+    /// Rooms by conversation id. A std mutex: held for map and vector
+    /// updates only, never across an `.await`.
+    rooms: Mutex<HashMap<String, Room>>,
+    /// Conversations each connection is subscribed to.
+    subscriptions: Mutex<HashMap<ConnectionId, HashSet<String>>>,
+    /// Replies each user started (pruned as they end), for the per-user
+    /// limit.
+    running: Mutex<HashMap<Owner, Vec<Arc<Generation>>>>,
+}
+
+/// Sends remembered per room for idempotency.
+const SENT_MEMORY: usize = 256;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Sections are single map/vector updates: a poisoned value is whole.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Chat {
+    /// The chat service over the gateway's parts.
+    pub fn new(
+        config: &Config,
+        store: Option<Arc<dyn Store>>,
+        persister: Option<Persister>,
+        generations: Arc<Registry>,
+        routes: Arc<Router>,
+    ) -> Self {
+        let default_model = if config.chat.default_model.is_empty() {
+            config
+                .models
+                .first()
+                .map(|m| m.name.clone())
+                .unwrap_or_default()
+        } else {
+            config.chat.default_model.clone()
+        };
+        Self {
+            config: config.chat.clone(),
+            default_model,
+            grace: Duration::from_secs(config.generation.grace_secs),
+            resume_window: Duration::from_secs(config.generation.resume_window_secs),
+            store,
+            persister,
+            generations,
+            routes,
+            rooms: Mutex::new(HashMap::new()),
+            subscriptions: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The chat settings.
+    pub fn config(&self) -> &ChatConfig {
+        &self.config
+    }
+
+    /// Checks that `conversation_id` is `owner`'s.
+    async fn check_owner(&self, owner: &Owner, conversation_id: &str) -> Result<(), ChatError> {
+        if uuid::Uuid::parse_str(conversation_id).is_err() {
+            return Err(ChatError::NotFound);
+        }
+        let Some(store) = &self.store else {
+            return Err(ChatError::StoreUnavailable);
+        };
+        match store.get_conversation(owner, conversation_id).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(ChatError::NotFound),
+            Err(err) => {
+                tracing::warn!(%err, "store unavailable for an ownership check");
+                Err(ChatError::StoreUnavailable)
+            }
+        }
+    }
+
+    /// Subscribes connection `id` to a conversation: it receives the room's
+    /// events, a presence snapshot now, and its user's arrival is announced.
+    pub async fn subscribe(
+        &self,
+        id: ConnectionId,
+        owner: &Owner,
+        outbox: &Arc<Outbox>,
+        conversation_id: &str,
+    ) -> Result<(), ChatError> {
+        self.check_owner(owner, conversation_id).await?;
+        {
+            let mut subscriptions = lock(&self.subscriptions);
+            let mine = subscriptions.entry(id).or_default();
+            if !mine.contains(conversation_id) && mine.len() >= self.config.max_subscriptions {
+                return Err(ChatError::TooManySubscriptions(
+                    self.config.max_subscriptions,
+                ));
+            }
+            mine.insert(conversation_id.to_owned());
+        }
+        let mut rooms = lock(&self.rooms);
+        let room = rooms.entry(conversation_id.to_owned()).or_default();
+        let already = room.members.values().any(|m| m.user_id == owner.user_id);
+        room.members.insert(
+            id,
+            Member {
+                user_id: owner.user_id.clone(),
+                outbox: Arc::clone(outbox),
+            },
+        );
+        let mut users: Vec<String> = room
+            .members
+            .values()
+            .map(|m| m.user_id.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        users.sort();
+        outbox.push(ServerFrame::Presence {
+            conversation_id: conversation_id.to_owned(),
+            event: "snapshot".into(),
+            users,
+        });
+        // Replies already running here stream to the newcomer too.
+        for generation in room.replies.iter().filter(|g| g.outcome().is_none()) {
+            outbox.push(ServerFrame::Reply {
+                conversation_id: conversation_id.to_owned(),
+                generation_id: generation.id().to_string(),
+                epoch: generation.epoch(),
+            });
+        }
+        if !already {
+            publish(
+                room,
+                Some(id),
+                &ServerFrame::Presence {
+                    conversation_id: conversation_id.to_owned(),
+                    event: "join".into(),
+                    users: vec![owner.user_id.clone()],
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Unsubscribes connection `id` from a conversation.
+    pub fn unsubscribe(&self, id: ConnectionId, conversation_id: &str) {
+        if let Some(mine) = lock(&self.subscriptions).get_mut(&id) {
+            mine.remove(conversation_id);
+        }
+        self.leave(id, conversation_id);
+    }
+
+    /// Removes connection `id` from every room.
+    pub fn disconnect(&self, id: ConnectionId) {
+        let conversations = lock(&self.subscriptions).remove(&id).unwrap_or_default();
+        for conversation_id in conversations {
+            self.leave(id, &conversation_id);
+        }
+    }
+
+    fn leave(&self, id: ConnectionId, conversation_id: &str) {
+        let mut rooms = lock(&self.rooms);
+        let Some(room) = rooms.get_mut(conversation_id) else {
+            return;
+        };
+        let Some(member) = room.members.remove(&id) else {
+            return;
+        };
+        let still_here = room.members.values().any(|m| m.user_id == member.user_id);
+        if !still_here {
+            publish(
+                room,
+                None,
+                &ServerFrame::Presence {
+                    conversation_id: conversation_id.to_owned(),
+                    event: "leave".into(),
+                    users: vec![member.user_id],
+                },
+            );
+        }
+        if room.members.is_empty() && room.replies.iter().all(|g| g.outcome().is_some()) {
+            rooms.remove(conversation_id);
+        }
+    }
+
+    /// Whether connection `id` is subscribed to the conversation.
+    pub fn is_subscribed(&self, id: ConnectionId, conversation_id: &str) -> bool {
+        lock(&self.subscriptions)
+            .get(&id)
+            .is_some_and(|c| c.contains(conversation_id))
+    }
+
+    /// Relays a typing indicator to the room's other members.
+    pub fn typing(
+        &self,
+        id: ConnectionId,
+        owner: &Owner,
+        conversation_id: &str,
+        typing: bool,
+    ) -> Result<(), ChatError> {
+        if !self.is_subscribed(id, conversation_id) {
+            return Err(ChatError::NotSubscribed);
+        }
+        if let Some(room) = lock(&self.rooms).get_mut(conversation_id) {
+            publish(
+                room,
+                Some(id),
+                &ServerFrame::Typing {
+                    conversation_id: conversation_id.to_owned(),
+                    user_id: owner.user_id.clone(),
+                    typing,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// A user message: stored durably (the returned ack may be sent once
+    /// this returns), shown to the room's other members, and answered by a
+    /// reply every member streams (announced with a `reply` frame). The
+    /// sending connection is subscribed to the conversation. A resend of a
+    /// known `client_message_id` returns the first ack and starts nothing.
+    pub async fn send(
+        &self,
+        connection: Option<(ConnectionId, &Arc<Outbox>)>,
+        owner: &Owner,
+        conversation_id: &str,
+        content: String,
+        client_message_id: String,
+        model: Option<String>,
+    ) -> Result<ServerFrame, ChatError> {
+        if content.trim().is_empty() {
+            return Err(ChatError::Invalid("'content' must not be empty".into()));
+        }
+        if content.len() > self.config.max_message_bytes {
+            return Err(ChatError::Invalid(format!(
+                "'content' exceeds {} bytes",
+                self.config.max_message_bytes
+            )));
+        }
+        if client_message_id.is_empty() || client_message_id.len() > 128 {
+            return Err(ChatError::Invalid(
+                "'client_message_id' must be 1 to 128 characters".into(),
+            ));
+        }
+        let model = model.unwrap_or_else(|| self.default_model.clone());
+        let route = self
+            .routes
+            .route(&model)
+            .ok_or_else(|| ChatError::UnknownModel(model.clone()))?;
+        match connection {
+            Some((id, outbox)) if !self.is_subscribed(id, conversation_id) => {
+                self.subscribe(id, owner, outbox, conversation_id).await?;
+            }
+            Some(_) => {}
+            None => self.check_owner(owner, conversation_id).await?,
+        }
+        let epoch = crate::generation::epoch();
+        if let Some(sent) = lock(&self.rooms)
+            .get(conversation_id)
+            .and_then(|room| room.sent.get(&client_message_id).cloned())
+        {
+            return Ok(ServerFrame::Ack {
+                client_message_id,
+                message_id: sent.message_id,
+                conversation_id: conversation_id.to_owned(),
+                generation_id: sent.generation_id,
+                epoch,
+            });
+        }
+        self.check_limit(owner)?;
+        let history = self.history(owner, conversation_id).await?;
+
+        let now = crate::store::now_ms();
+        let message = MessageRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            conversation_id: conversation_id.to_owned(),
+            tenant_id: owner.tenant_id.clone(),
+            user_id: owner.user_id.clone(),
+            role: "user".into(),
+            content: content.clone(),
+            status: MessageStatus::Complete,
+            model: None,
+            provider: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            cost_usd: None,
+            usage_estimated: false,
+            client_message_id: Some(client_message_id.clone()),
+            generation_id: None,
+            created_at: now,
+        };
+        let Some(persister) = &self.persister else {
+            return Err(ChatError::StoreUnavailable);
+        };
+        if let Err(err) = persister.submit(&Record::Message(message.clone())).await {
+            tracing::error!(%err, "user message not stored");
+            return Err(ChatError::NotStored);
+        }
+
+        let mut messages: Vec<Message> = history
+            .iter()
+            .map(|(role, text)| Message::text(*role, text.clone()))
+            .collect();
+        messages.push(Message::text(Role::User, content.clone()));
+        let request = ChatRequest {
+            model: model.clone(),
+            messages,
+            max_tokens: None,
+            max_completion_tokens: None,
+            temperature: None,
+            top_p: None,
+            stop: None,
+            tools: None,
+            tool_choice: None,
+            user: Some(owner.user_id.clone()),
+            extra: serde_json::Map::new(),
+        };
+        let options = StartOptions {
+            grace: self.grace,
+            retain: self.resume_window,
+            after_commit: AfterCommit::Restart,
+            persist: Some(PersistTo {
+                owner: owner.clone(),
+                conversation_id: conversation_id.to_owned(),
+            }),
+        };
+        let subscriber = self
+            .generations
+            .start(&self.routes, route, request, options)
+            .map_err(|err| ChatError::Unavailable(err.to_string()))?;
+        let generation = Arc::clone(subscriber.generation());
+        // Members attach their own cursors when they see `reply`.
+        drop(subscriber);
+        let generation_id = generation.id().to_string();
+        lock(&self.running)
+            .entry(owner.clone())
+            .or_default()
+            .push(Arc::clone(&generation));
+
+        let mut rooms = lock(&self.rooms);
+        let room = rooms.entry(conversation_id.to_owned()).or_default();
+        if let Some(history) = &mut room.history {
+            history.push((Role::User, content));
+        }
+        room.replies.push(Arc::clone(&generation));
+        room.sent.insert(
+            client_message_id.clone(),
+            Sent {
+                message_id: message.id.clone(),
+                generation_id: generation_id.clone(),
+            },
+        );
+        room.sent_order.push_back(client_message_id.clone());
+        while room.sent_order.len() > SENT_MEMORY {
+            if let Some(old) = room.sent_order.pop_front() {
+                room.sent.remove(&old);
+            }
+        }
+        publish(
+            room,
+            connection.map(|(id, _)| id),
+            &ServerFrame::Message {
+                conversation_id: conversation_id.to_owned(),
+                message: crate::http::conversations::message_json(&message),
+            },
+        );
+        publish(
+            room,
+            None,
+            &ServerFrame::Reply {
+                conversation_id: conversation_id.to_owned(),
+                generation_id: generation_id.clone(),
+                epoch,
+            },
+        );
+        Ok(ServerFrame::Ack {
+            client_message_id,
+            message_id: message.id,
+            conversation_id: conversation_id.to_owned(),
+            generation_id,
+            epoch,
+        })
+    }
+
+    /// Creates a conversation for `owner` (for clients that start one
+    /// without the history API).
+    pub async fn create_conversation(&self, owner: &Owner) -> Result<String, ChatError> {
+        let Some(store) = &self.store else {
+            return Err(ChatError::StoreUnavailable);
+        };
+        let now = crate::store::now_ms();
+        let row = ConversationRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            tenant_id: owner.tenant_id.clone(),
+            user_id: owner.user_id.clone(),
+            title: None,
+            metadata: serde_json::json!({}),
+            created_at: now,
+            updated_at: now,
+        };
+        store
+            .create_conversation(&row)
+            .await
+            .map_err(|_| ChatError::StoreUnavailable)?;
+        Ok(row.id)
+    }
+
+    fn check_limit(&self, owner: &Owner) -> Result<(), ChatError> {
+        let mut running = lock(&self.running);
+        let mine = running.entry(owner.clone()).or_default();
+        mine.retain(|g| g.outcome().is_none());
+        if mine.len() >= self.config.max_generations_per_user {
+            return Err(ChatError::TooManyGenerations(
+                self.config.max_generations_per_user,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The conversation so far, for the model: loaded from the store the
+    /// first time, then kept in the room, with finished replies folded in.
+    async fn history(
+        &self,
+        owner: &Owner,
+        conversation_id: &str,
+    ) -> Result<Vec<(Role, String)>, ChatError> {
+        let loaded = lock(&self.rooms)
+            .get(conversation_id)
+            .is_some_and(|room| room.history.is_some());
+        if !loaded {
+            let Some(store) = &self.store else {
+                return Err(ChatError::StoreUnavailable);
+            };
+            let page = PageRequest {
+                after: None,
+                limit: u32::try_from(self.config.max_context_messages)
+                    .unwrap_or(200)
+                    .min(200),
+                order: Order::Desc,
+            };
+            let page = store
+                .list_messages(owner, conversation_id, &page)
+                .await
+                .map_err(|_| ChatError::StoreUnavailable)?
+                .ok_or(ChatError::NotFound)?;
+            let mut history: Vec<(Role, String)> = page
+                .items
+                .into_iter()
+                .rev()
+                .filter_map(|m| {
+                    let role = match m.role.as_str() {
+                        "user" => Role::User,
+                        "assistant" => Role::Assistant,
+                        "system" => Role::System,
+                        _ => return None,
+                    };
+                    (!m.content.is_empty()).then_some((role, m.content))
+                })
+                .collect();
+            let mut rooms = lock(&self.rooms);
+            let room = rooms.entry(conversation_id.to_owned()).or_default();
+            if room.history.is_none() {
+                history.truncate(self.config.max_context_messages);
+                room.history = Some(history);
+            }
+        }
+        let mut rooms = lock(&self.rooms);
+        let room = rooms.entry(conversation_id.to_owned()).or_default();
+        // Fold finished replies into the history, in order.
+        let (finished, running): (Vec<_>, Vec<_>) =
+            room.replies.drain(..).partition(|g| g.outcome().is_some());
+        room.replies = running;
+        let history = room.history.get_or_insert_with(Vec::new);
+        for generation in finished {
+            let text = generation.reply().text;
+            if !text.is_empty() {
+                history.push((Role::Assistant, text));
+            }
+        }
+        let excess = history
+            .len()
+            .saturating_sub(self.config.max_context_messages);
+        history.drain(..excess);
+        Ok(history.clone())
+    }
+
+    /// The generation `id` if it answers one of `owner`'s conversations.
+    pub fn generation_of(&self, owner: &Owner, id: &str) -> Option<Arc<Generation>> {
+        let id = uuid::Uuid::parse_str(id).ok()?;
+        let generation = self.generations.get(id)?;
+        let to = generation.persisted_to()?;
+        (to.owner == *owner).then_some(generation)
+    }
+}
+
+impl Chat {
+    /// Whether `owner` may resume generation `id` at (`epoch`, `offset`);
+    /// the error says why the client must reload from history instead.
+    pub fn resumable(
+        &self,
+        owner: &Owner,
+        id: &str,
+        epoch: u64,
+        offset: u64,
+    ) -> Result<(), &'static str> {
+        let generation = self
+            .generation_of(owner, id)
+            .ok_or("the reply is no longer held: reload the conversation from history")?;
+        if epoch != generation.epoch() {
+            return Err("unknown epoch: reload the conversation from history");
+        }
+        if offset > generation.len() {
+            return Err("offset beyond the reply: reload the conversation from history");
+        }
+        Ok(())
+    }
+}
+
+/// A subscriber's reads as a stream, ending after the read that ends the
+/// log, each paired with its generation.
+pub fn reads(subscriber: Subscriber) -> BoxStream<'static, (Arc<Generation>, Read)> {
+    futures_util::stream::unfold(Some(subscriber), |state| async move {
+        let mut subscriber = state?;
+        let read = subscriber.read().await;
+        let generation = Arc::clone(subscriber.generation());
+        let next = matches!(read, Read::Frames(_)).then_some(subscriber);
+        Some(((generation, read), next))
+    })
+    .boxed()
+}
+
+/// The protocol frames of one read of `generation`'s log. `finish` carries
+/// the finish reason from the `Finish` event to the `done` frame that ends
+/// the stream.
+pub fn encode(generation: &Generation, read: Read, finish: &mut String) -> Vec<ServerFrame> {
+    let generation_id = generation.id().to_string();
+    let epoch = generation.epoch();
+    match read {
+        Read::Frames(frames) => frames
+            .into_iter()
+            .filter_map(|frame| {
+                let (offset, next) = (frame.offset, frame.next);
+                let generation_id = generation_id.clone();
+                Some(match frame.event {
+                    ProviderEvent::Text(text) | ProviderEvent::Refusal(text) => {
+                        ServerFrame::Delta {
+                            generation_id,
+                            epoch,
+                            offset,
+                            next,
+                            text,
+                        }
+                    }
+                    ProviderEvent::Reasoning(text) => ServerFrame::Reasoning {
+                        generation_id,
+                        epoch,
+                        offset,
+                        next,
+                        text,
+                    },
+                    ProviderEvent::ToolCall(call) => ServerFrame::ToolCall {
+                        generation_id,
+                        epoch,
+                        offset,
+                        next,
+                        index: call.index,
+                        id: call.id,
+                        name: call.name,
+                        arguments: call.arguments,
+                    },
+                    ProviderEvent::Usage(usage) => ServerFrame::Usage {
+                        generation_id,
+                        epoch,
+                        offset,
+                        next,
+                        prompt_tokens: usage.prompt_tokens,
+                        completion_tokens: usage.completion_tokens,
+                    },
+                    ProviderEvent::Finish(reason) => {
+                        *finish = reason.as_str().to_owned();
+                        return None;
+                    }
+                    ProviderEvent::Restart => ServerFrame::Restart {
+                        generation_id,
+                        epoch,
+                        offset,
+                        next,
+                    },
+                })
+            })
+            .collect(),
+        Read::End(Outcome::Complete) => {
+            let end = generation.len();
+            vec![ServerFrame::Done {
+                generation_id,
+                epoch,
+                offset: end,
+                next: end,
+                finish_reason: if finish.is_empty() {
+                    "stop".to_owned()
+                } else {
+                    finish.clone()
+                },
+            }]
+        }
+        Read::End(outcome) => {
+            let api = ApiError::from(&outcome);
+            let code = match outcome {
+                Outcome::Cancelled(CancelReason::Requested) => "cancelled",
+                Outcome::Cancelled(CancelReason::Abandoned) => "aborted",
+                _ => api.code,
+            };
+            vec![ServerFrame::Error {
+                code: code.to_owned(),
+                message: api.message,
+                retryable: api.retryable,
+                generation_id: Some(generation_id),
+                client_message_id: None,
+            }]
+        }
+    }
+}
+
+/// Pushes `frame` to every member of `room` except `except`.
+fn publish(room: &Room, except: Option<ConnectionId>, frame: &ServerFrame) {
+    for (id, member) in &room.members {
+        if Some(*id) != except {
+            member.outbox.push(frame.clone());
+        }
+    }
+}

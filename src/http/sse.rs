@@ -1,0 +1,332 @@
+//! The native protocol over Server-Sent Events, for clients that cannot
+//! hold a WebSocket (and for `EventSource`):
+//!
+//! - `POST /v1/conversations/{id}/messages` sends a message and answers
+//!   with the reply as SSE;
+//! - `GET /v1/generations/{id}/events` resumes a reply from `Last-Event-ID`
+//!   (or `?from=&epoch=`), EventSource-compatible; 204 when there is
+//!   nothing to resume;
+//! - `POST /v1/generations/{id}/cancel` stops a reply.
+//!
+//! Events are named after the WebSocket frames (`ack`, `delta`, `done`,
+//! `error`, …) with the same JSON; generation events carry
+//! `id: <generation>:<epoch>:<next>`, so a reconnecting `EventSource`
+//! resumes exactly where it stopped. The body is pulled by the socket: a
+//! slow client holds back only its own cursor.
+//!
+//! `EventSource` cannot set headers: in development mode the user may be
+//! named with `?user=` (the authentication work replaces it with a token or
+//! cookie on the same seam).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::{Stream, StreamExt};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde::Deserialize;
+
+use super::{Gateway, RequestId};
+use crate::error::ApiError;
+use crate::generation::Generation;
+use crate::protocol::ServerFrame;
+use crate::store::Owner;
+
+/// `?user=&from=&epoch=`
+#[derive(Debug, Deserialize)]
+pub struct SseQuery {
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    from: Option<u64>,
+    #[serde(default)]
+    epoch: Option<u64>,
+}
+
+/// `POST /v1/conversations/{id}/messages` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBody {
+    content: String,
+    client_message_id: String,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+fn owner(headers: &HeaderMap, query: &SseQuery) -> Result<Owner, ApiError> {
+    super::dev_owner(headers)
+        .or_else(|| query.user.as_deref().and_then(super::owner_named))
+        .ok_or_else(|| {
+            let mut err = ApiError::invalid_request(
+                "missing_user",
+                "Name the user with X-Spillway-User or ?user= (development mode)",
+            );
+            err.status = StatusCode::UNAUTHORIZED;
+            err.kind = "authentication_error";
+            err
+        })
+}
+
+fn sse_response(body: impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static) -> Response {
+    let mut response = Response::new(Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// One SSE event: `id:` (for generation events), `event:`, `data:`.
+fn event(frame: &ServerFrame, id: Option<String>) -> String {
+    let mut out = String::new();
+    if let Some(id) = id {
+        out.push_str("id: ");
+        out.push_str(&id);
+        out.push('\n');
+    }
+    out.push_str("event: ");
+    out.push_str(frame.event_name());
+    out.push_str("\ndata: ");
+    out.push_str(&frame.to_json());
+    out.push_str("\n\n");
+    out
+}
+
+/// The resume point a generation frame leaves the client at.
+fn event_id(frame: &ServerFrame) -> Option<String> {
+    match frame {
+        ServerFrame::Delta {
+            generation_id,
+            epoch,
+            next,
+            ..
+        }
+        | ServerFrame::Reasoning {
+            generation_id,
+            epoch,
+            next,
+            ..
+        }
+        | ServerFrame::ToolCall {
+            generation_id,
+            epoch,
+            next,
+            ..
+        }
+        | ServerFrame::Usage {
+            generation_id,
+            epoch,
+            next,
+            ..
+        }
+        | ServerFrame::Done {
+            generation_id,
+            epoch,
+            next,
+            ..
+        }
+        | ServerFrame::Restart {
+            generation_id,
+            epoch,
+            next,
+            ..
+        } => Some(format!("{generation_id}:{epoch}:{next}")),
+        _ => None,
+    }
+}
+
+/// Streams `generation` from `offset` as SSE, after `first` events.
+fn stream_reply(
+    generation: Arc<Generation>,
+    offset: u64,
+    first: Vec<String>,
+    heartbeat: Duration,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    let mut reads = crate::chat::reads(generation.subscribe(offset));
+    let mut finish = String::new();
+    async_stream::stream! {
+        yield Ok(Bytes::from_static(b": spillway stream open\n\n"));
+        for text in first {
+            yield Ok(Bytes::from(text));
+        }
+        loop {
+            let next = tokio::select! {
+                next = reads.next() => next,
+                () = tokio::time::sleep(heartbeat) => {
+                    yield Ok(Bytes::from_static(b": keep-alive\n\n"));
+                    continue;
+                }
+            };
+            let Some((generation, read)) = next else { break };
+            let mut out = String::new();
+            let frames = crate::chat::encode(&generation, read, &mut finish);
+            let terminal = frames.iter().any(|f| matches!(f, ServerFrame::Done { .. } | ServerFrame::Error { .. }));
+            for frame in &frames {
+                out.push_str(&event(frame, event_id(frame)));
+            }
+            if !out.is_empty() {
+                yield Ok(Bytes::from(out));
+            }
+            if terminal {
+                break;
+            }
+        }
+    }
+}
+
+/// `POST /v1/conversations/{id}/messages`: send, and stream the reply.
+pub async fn send(
+    State(gateway): State<Arc<Gateway>>,
+    RequestId(request_id): RequestId,
+    Path(conversation_id): Path<String>,
+    Query(query): Query<SseQuery>,
+    request: Request,
+) -> Response {
+    let result = async {
+        let owner = owner(request.headers(), &query)?;
+        let limit = gateway.config.server.max_body_bytes;
+        let body = super::read_body(request.into_body(), limit).await?;
+        let body: SendBody = super::parse_json(&body)?;
+        let ack = gateway
+            .chat
+            .send(
+                None,
+                &owner,
+                &conversation_id,
+                body.content,
+                body.client_message_id,
+                body.model,
+            )
+            .await
+            .map_err(|err| {
+                let mut api = ApiError::invalid_request(err.code(), err.to_string());
+                api.status = match err {
+                    crate::chat::ChatError::NotFound => StatusCode::NOT_FOUND,
+                    crate::chat::ChatError::UnknownModel(_) => StatusCode::NOT_FOUND,
+                    crate::chat::ChatError::TooManyGenerations(_) => StatusCode::TOO_MANY_REQUESTS,
+                    crate::chat::ChatError::Invalid(_) => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                api.retryable = err.retryable();
+                api
+            })?;
+        let ServerFrame::Ack { generation_id, .. } = &ack else {
+            return Err(ApiError::invalid_request("internal_error", "no ack"));
+        };
+        let generation = gateway
+            .chat
+            .generation_of(&owner, generation_id)
+            .ok_or_else(|| {
+                ApiError::invalid_request("generation_not_found", "the reply is gone")
+            })?;
+        let heartbeat = gateway.config.server.heartbeat();
+        Ok(sse_response(stream_reply(
+            generation,
+            0,
+            vec![event(&ack, None)],
+            heartbeat,
+        )))
+    }
+    .await;
+    result.unwrap_or_else(|err| err.with_request_id(&request_id).into_response())
+}
+
+/// `GET /v1/generations/{id}/events`: resume from `Last-Event-ID`
+/// (`<generation>:<epoch>:<offset>`) or `?from=` (and `?epoch=`).
+pub async fn events(
+    State(gateway): State<Arc<Gateway>>,
+    RequestId(request_id): RequestId,
+    Path(generation_id): Path<String>,
+    Query(query): Query<SseQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let result = (|| {
+        let owner = owner(&headers, &query)?;
+        let last = headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let (epoch, offset) = match last {
+            Some(last) => {
+                let mut parts = last.rsplitn(3, ':');
+                let offset = parts.next().and_then(|p| p.parse::<u64>().ok());
+                let epoch = parts.next().and_then(|p| p.parse::<u64>().ok());
+                let id = parts.next();
+                match (id, epoch, offset) {
+                    (Some(id), Some(epoch), Some(offset)) if id == generation_id => {
+                        (Some(epoch), offset)
+                    }
+                    _ => {
+                        return Err(ApiError::invalid_request(
+                            "invalid_value",
+                            "Last-Event-ID is not an event id of this generation",
+                        )
+                        .with_param("Last-Event-ID"));
+                    }
+                }
+            }
+            None => (query.epoch, query.from.unwrap_or(0)),
+        };
+        let Some(generation) = gateway.chat.generation_of(&owner, &generation_id) else {
+            // Nothing to resume: 204 makes EventSource stop reconnecting.
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        };
+        let epoch = epoch.unwrap_or_else(|| generation.epoch());
+        if let Err(message) = gateway
+            .chat
+            .resumable(&owner, &generation_id, epoch, offset)
+        {
+            let frame = ServerFrame::Error {
+                code: "reload_from_history".into(),
+                message: message.into(),
+                retryable: false,
+                generation_id: Some(generation_id.clone()),
+                client_message_id: None,
+            };
+            let body = futures_util::stream::iter([Ok(Bytes::from(event(&frame, None)))]);
+            return Ok(sse_response(body));
+        }
+        if generation.outcome().is_some() && offset >= generation.len() {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        let heartbeat = gateway.config.server.heartbeat();
+        Ok(sse_response(stream_reply(
+            generation,
+            offset,
+            Vec::new(),
+            heartbeat,
+        )))
+    })();
+    result.unwrap_or_else(|err: ApiError| err.with_request_id(&request_id).into_response())
+}
+
+/// `POST /v1/generations/{id}/cancel`
+pub async fn cancel(
+    State(gateway): State<Arc<Gateway>>,
+    RequestId(request_id): RequestId,
+    Path(generation_id): Path<String>,
+    Query(query): Query<SseQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let result = (|| {
+        let owner = owner(&headers, &query)?;
+        let generation = gateway
+            .chat
+            .generation_of(&owner, &generation_id)
+            .ok_or_else(|| {
+                let mut err =
+                    ApiError::invalid_request("generation_not_found", "No such generation");
+                err.status = StatusCode::NOT_FOUND;
+                err
+            })?;
+        generation.cancel(crate::generation::CancelReason::Requested);
+        Ok(StatusCode::ACCEPTED.into_response())
+    })();
+    result.unwrap_or_else(|err: ApiError| err.with_request_id(&request_id).into_response())
+}

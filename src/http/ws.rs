@@ -1,0 +1,486 @@
+//! `GET /v1/ws`: the native protocol over WebSocket (`spillway.v1`).
+//!
+//! One task per connection runs one `select!` loop, in priority order:
+//! shutdown and lifetime; the client's frames; the connection's outbox
+//! (acks, messages, presence, typing, reply announcements); the replies it
+//! streams (each read through its own cursor); the ping timer. Every write
+//! waits for the socket (with a write timeout), so a slow client holds back
+//! only its own cursors: the gateway never buffers more than one frame for
+//! it beyond the log itself, and the upstream and other clients are never
+//! slowed. Close codes are in [`crate::protocol::close`] and
+//! `docs/protocol.md`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::Response;
+use futures_util::stream::{BoxStream, SelectAll};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::Gateway;
+use crate::chat::{ConnectionId, Outbox, Popped};
+use crate::generation::{Generation, Read};
+use crate::protocol::{ClientFrame, SUBPROTOCOL, ServerFrame, close};
+use crate::store::Owner;
+
+/// Live connections and what each holds, for limits, metrics and tests.
+#[derive(Debug, Default)]
+pub struct Connections {
+    next: AtomicU64,
+    live: Mutex<HashMap<ConnectionId, Arc<ConnectionStats>>>,
+}
+
+/// What one connection holds in the gateway, in bytes and frames.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Its outbox (non-token events).
+    outbox: Mutex<Option<Arc<Outbox>>>,
+    /// The frame being written now (0 when none): what a blocked socket
+    /// holds us to.
+    pending_write_bytes: AtomicUsize,
+    /// Frames written so far.
+    pub frames_sent: AtomicU64,
+}
+
+impl ConnectionStats {
+    /// Bytes the gateway holds for this connection beyond the shared logs:
+    /// its queued events plus the frame being written.
+    pub fn buffered_bytes(&self) -> usize {
+        let outbox = self
+            .outbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, |o| o.bytes());
+        outbox + self.pending_write_bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Connections {
+    fn register(&self, outbox: &Arc<Outbox>) -> (ConnectionId, Arc<ConnectionStats>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let stats = Arc::new(ConnectionStats::default());
+        *stats.outbox.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(outbox));
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, Arc::clone(&stats));
+        (id, stats)
+    }
+
+    fn unregister(&self, id: ConnectionId) {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    /// Live connections now.
+    pub fn len(&self) -> usize {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every live connection's stats.
+    pub fn all(&self) -> Vec<(ConnectionId, Arc<ConnectionStats>)> {
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(id, stats)| (*id, Arc::clone(stats)))
+            .collect()
+    }
+}
+
+/// `?user=` (development mode, for clients that cannot set headers).
+#[derive(Debug, Deserialize)]
+pub struct WsQuery {
+    #[serde(default)]
+    user: Option<String>,
+}
+
+/// `GET /v1/ws`
+pub async fn upgrade(
+    State(gateway): State<Arc<Gateway>>,
+    headers: http::HeaderMap,
+    Query(query): Query<WsQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let owner =
+        super::dev_owner(&headers).or_else(|| query.user.as_deref().and_then(super::owner_named));
+    let limit = gateway.config.chat.ws_max_message_bytes;
+    ws.protocols([SUBPROTOCOL])
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        // Chat frames are small: keep per-connection buffers small too.
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(8 * 1024)
+        .on_upgrade(move |socket| async move {
+            match owner {
+                Some(owner) => run(gateway, owner, socket).await,
+                None => {
+                    let mut socket = socket;
+                    drop(
+                        socket
+                            .send(Message::Close(Some(CloseFrame {
+                                code: close::UNAUTHORIZED,
+                                reason: Utf8Bytes::from_static(
+                                    "name the user (X-Spillway-User or ?user=)",
+                                ),
+                            })))
+                            .await,
+                    );
+                }
+            }
+        })
+}
+
+/// Why the loop ends.
+enum End {
+    /// The client went away (or closed).
+    Gone,
+    /// We close with this code and reason.
+    Close(u16, &'static str),
+}
+
+/// One connection's state.
+struct Connection {
+    gateway: Arc<Gateway>,
+    owner: Owner,
+    id: ConnectionId,
+    outbox: Arc<Outbox>,
+    stats: Arc<ConnectionStats>,
+    /// The replies being streamed, each through its own cursor.
+    streams: SelectAll<BoxStream<'static, (Arc<Generation>, Read)>>,
+    /// Generations already streamed here (a second `reply` or `resume` for
+    /// one of them is ignored).
+    streaming: HashSet<uuid::Uuid>,
+    /// Finish reasons seen, per generation, for their `done` frame.
+    finish: HashMap<uuid::Uuid, String>,
+}
+
+async fn run(gateway: Arc<Gateway>, owner: Owner, socket: WebSocket) {
+    let chat = &gateway.chat;
+    let outbox = Arc::new(Outbox::new(chat.config().outbox_capacity));
+    let (id, stats) = gateway.connections.register(&outbox);
+    let config = chat.config().clone();
+    let (mut sink, mut incoming) = socket.split();
+    let mut connection = Connection {
+        gateway: Arc::clone(&gateway),
+        owner,
+        id,
+        outbox: Arc::clone(&outbox),
+        stats,
+        streams: SelectAll::new(),
+        streaming: HashSet::new(),
+        finish: HashMap::new(),
+    };
+    tracing::debug!(connection = id, "websocket connected");
+    outbox.push(ServerFrame::Hello {
+        connection_id: id.to_string(),
+        user_id: connection.owner.user_id.clone(),
+        heartbeat_ms: config.ping_interval_secs * 1000,
+    });
+    let write_timeout = Duration::from_millis(config.write_timeout_ms);
+    let pong_timeout = Duration::from_secs(config.pong_timeout_secs);
+    let mut ping = tokio::time::interval(Duration::from_secs(config.ping_interval_secs));
+    ping.tick().await;
+    let mut awaiting_pong: Option<Instant> = None;
+    let lifetime = async {
+        if config.max_connection_secs == 0 {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(Duration::from_secs(config.max_connection_secs)).await;
+    };
+    tokio::pin!(lifetime);
+    let shutdown = gateway.generations.shutting_down();
+
+    let end = loop {
+        let out: Vec<ServerFrame> = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break End::Close(close::GOING_AWAY, "server shutting down: reconnect and resume"),
+            () = &mut lifetime => break End::Close(close::RECONNECT, "connection lifetime reached: reconnect and resume"),
+            message = incoming.next() => match message {
+                None | Some(Ok(Message::Close(_))) => break End::Gone,
+                Some(Err(err)) => {
+                    let too_big = std::error::Error::source(&err)
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                        .contains("too long")
+                        || err.to_string().contains("too long")
+                        || err.to_string().contains("Space limit");
+                    if too_big {
+                        break End::Close(close::TOO_BIG, "message too big");
+                    }
+                    break End::Gone;
+                }
+                Some(Ok(Message::Text(text))) => connection.handle(text.as_str()).await,
+                Some(Ok(Message::Binary(_))) => vec![ServerFrame::error(
+                    "binary_not_supported",
+                    "frames are JSON text",
+                    false,
+                )],
+                Some(Ok(Message::Pong(_))) => {
+                    awaiting_pong = None;
+                    Vec::new()
+                }
+                // Pings are answered by the WebSocket layer.
+                Some(Ok(Message::Ping(_))) => Vec::new(),
+            },
+            popped = outbox.pop() => match popped {
+                Popped::Overflowed => break End::Close(close::SLOW_CONSUMER, "slow consumer: reconnect and resume"),
+                Popped::Frame(frame) => {
+                    if let ServerFrame::Reply { generation_id, .. } = &frame {
+                        connection.attach(generation_id, 0);
+                    }
+                    vec![frame]
+                }
+            },
+            Some((generation, read)) = connection.streams.next() => connection.encode(&generation, read),
+            _ = ping.tick() => {
+                if awaiting_pong.is_some_and(|since| since.elapsed() >= pong_timeout) {
+                    break End::Close(close::PONG_TIMEOUT, "no pong");
+                }
+                if awaiting_pong.is_none() {
+                    awaiting_pong = Some(Instant::now());
+                }
+                if !send(&mut sink, &connection.stats, Message::Ping(Default::default()), write_timeout).await {
+                    break End::Close(close::SLOW_CONSUMER, "slow consumer: reconnect and resume");
+                }
+                Vec::new()
+            }
+        };
+        let mut blocked = false;
+        for frame in out {
+            let message = Message::Text(frame.to_json().into());
+            if !send(&mut sink, &connection.stats, message, write_timeout).await {
+                blocked = true;
+                break;
+            }
+        }
+        if blocked {
+            break End::Close(close::SLOW_CONSUMER, "slow consumer: reconnect and resume");
+        }
+    };
+    gateway.chat.disconnect(id);
+    gateway.connections.unregister(id);
+    if let End::Close(code, reason) = end {
+        tracing::info!(connection = id, code, reason, "closing websocket");
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }));
+        // A jammed socket gets no close frame: the client sees the drop.
+        drop(tokio::time::timeout(Duration::from_secs(1), sink.send(frame)).await);
+    }
+}
+
+/// Writes one message within `timeout`; false if it did not go.
+async fn send(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    stats: &ConnectionStats,
+    message: Message,
+    timeout: Duration,
+) -> bool {
+    let size = match &message {
+        Message::Text(text) => text.len(),
+        _ => 16,
+    };
+    stats.pending_write_bytes.store(size, Ordering::Relaxed);
+    let sent = matches!(
+        tokio::time::timeout(timeout, sink.send(message)).await,
+        Ok(Ok(()))
+    );
+    stats.pending_write_bytes.store(0, Ordering::Relaxed);
+    if sent {
+        stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+    }
+    sent
+}
+
+impl Connection {
+    /// Handles one client frame; returns the frames to send back at once.
+    async fn handle(&mut self, text: &str) -> Vec<ServerFrame> {
+        let frame = match parse(text) {
+            Ok(frame) => frame,
+            Err(error) => return vec![error],
+        };
+        let chat = &self.gateway.chat;
+        match frame {
+            ClientFrame::Send {
+                conversation_id,
+                content,
+                client_message_id,
+                model,
+            } => {
+                let sent = chat
+                    .send(
+                        Some((self.id, &self.outbox)),
+                        &self.owner,
+                        &conversation_id,
+                        content,
+                        client_message_id.clone(),
+                        model,
+                    )
+                    .await;
+                match sent {
+                    Ok(ack) => vec![ack],
+                    Err(err) => vec![err.frame(Some(client_message_id))],
+                }
+            }
+            ClientFrame::Cancel { generation_id } => {
+                match chat.generation_of(&self.owner, &generation_id) {
+                    Some(generation) => {
+                        generation.cancel(crate::generation::CancelReason::Requested);
+                        Vec::new()
+                    }
+                    None => vec![generation_error(
+                        "generation_not_found",
+                        "no such generation",
+                        &generation_id,
+                    )],
+                }
+            }
+            ClientFrame::Resume {
+                generation_id,
+                epoch,
+                offset,
+            } => match chat.resumable(&self.owner, &generation_id, epoch, offset) {
+                Ok(()) => {
+                    self.attach(&generation_id, offset);
+                    Vec::new()
+                }
+                Err(message) => vec![generation_error(
+                    "reload_from_history",
+                    message,
+                    &generation_id,
+                )],
+            },
+            ClientFrame::Subscribe { conversation_id } => {
+                match chat
+                    .subscribe(self.id, &self.owner, &self.outbox, &conversation_id)
+                    .await
+                {
+                    Ok(()) => Vec::new(),
+                    Err(err) => vec![err.frame(None)],
+                }
+            }
+            ClientFrame::Unsubscribe { conversation_id } => {
+                chat.unsubscribe(self.id, &conversation_id);
+                Vec::new()
+            }
+            ClientFrame::Typing {
+                conversation_id,
+                typing,
+            } => match chat.typing(self.id, &self.owner, &conversation_id, typing) {
+                Ok(()) => Vec::new(),
+                Err(err) => vec![err.frame(None)],
+            },
+            ClientFrame::Ping { id } => vec![ServerFrame::Pong { id }],
+        }
+    }
+
+    /// Starts streaming generation `id` from `offset` through a new cursor.
+    fn attach(&mut self, id: &str, offset: u64) {
+        let Ok(uuid) = uuid::Uuid::parse_str(id) else {
+            return;
+        };
+        if self.streaming.contains(&uuid) {
+            return;
+        }
+        let Some(generation) = self.gateway.chat.generation_of(&self.owner, id) else {
+            return;
+        };
+        self.streaming.insert(uuid);
+        self.streams
+            .push(crate::chat::reads(generation.subscribe(offset)));
+    }
+
+    /// The frames of one read.
+    fn encode(&mut self, generation: &Arc<Generation>, read: Read) -> Vec<ServerFrame> {
+        let finish = self.finish.entry(generation.id()).or_default();
+        let frames = crate::chat::encode(generation, read, finish);
+        if frames.iter().any(is_terminal) {
+            self.finish.remove(&generation.id());
+            self.streaming.remove(&generation.id());
+        }
+        frames
+    }
+}
+
+fn is_terminal(frame: &ServerFrame) -> bool {
+    matches!(
+        frame,
+        ServerFrame::Done { .. }
+            | ServerFrame::Error {
+                generation_id: Some(_),
+                ..
+            }
+    )
+}
+
+fn generation_error(code: &str, message: &str, generation_id: &str) -> ServerFrame {
+    ServerFrame::Error {
+        code: code.to_owned(),
+        message: message.to_owned(),
+        retryable: false,
+        generation_id: Some(generation_id.to_owned()),
+        client_message_id: None,
+    }
+}
+
+/// Parses a client frame, or the typed error that answers it.
+fn parse(text: &str) -> Result<ClientFrame, ServerFrame> {
+    const KNOWN: [&str; 7] = [
+        "send",
+        "cancel",
+        "resume",
+        "subscribe",
+        "unsubscribe",
+        "typing",
+        "ping",
+    ];
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|err| ServerFrame::error("invalid_json", format!("not JSON: {err}"), false))?;
+    let kind = value
+        .get("type")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            ServerFrame::error(
+                "invalid_frame",
+                "a frame is a JSON object with a string 'type'",
+                false,
+            )
+        })?;
+    if !KNOWN.contains(&kind.as_str()) {
+        return Err(ServerFrame::error(
+            "unknown_frame_type",
+            format!(
+                "unknown frame type '{}'",
+                kind.chars().take(64).collect::<String>()
+            ),
+            false,
+        ));
+    }
+    serde_json::from_value(value).map_err(|err| {
+        ServerFrame::error(
+            "invalid_frame",
+            format!("invalid '{kind}' frame: {err}"),
+            false,
+        )
+    })
+}

@@ -1,0 +1,304 @@
+//! The native wire protocol, version 1 (`spillway.v1`): the JSON frames of
+//! the WebSocket and the named events of the native SSE endpoints.
+//! `docs/protocol.md` is the reference a client SDK is written from.
+//!
+//! Every frame is a JSON object with a `type`. Every server frame that
+//! belongs to a generation carries `generation_id`, `epoch` and `offset`
+//! (the offset of the first log event it covers) and `next` (the offset to
+//! resume from after it).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The WebSocket subprotocol.
+pub const SUBPROTOCOL: &str = "spillway.v1";
+
+/// Frames a client sends.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// A user message; the reply streams back.
+    Send {
+        /// The conversation (must be the user's).
+        conversation_id: String,
+        /// The message text.
+        content: String,
+        /// The client's id for the message: a resend with the same id is
+        /// acknowledged again, never stored or answered twice.
+        client_message_id: String,
+        /// A model name (default: the gateway's default chat model).
+        #[serde(default)]
+        model: Option<String>,
+    },
+    /// Stops a reply.
+    Cancel {
+        /// The generation to stop.
+        generation_id: String,
+    },
+    /// Continues a reply from where the client got to.
+    Resume {
+        /// The generation.
+        generation_id: String,
+        /// The epoch the client saw.
+        epoch: u64,
+        /// The `next` of the last frame the client processed.
+        offset: u64,
+    },
+    /// Receive a conversation's live events.
+    Subscribe {
+        /// The conversation (must be the user's).
+        conversation_id: String,
+    },
+    /// Stop receiving a conversation's events.
+    Unsubscribe {
+        /// The conversation.
+        conversation_id: String,
+    },
+    /// The user is (or stopped) typing.
+    Typing {
+        /// The conversation (must be subscribed).
+        conversation_id: String,
+        /// Typing now (default true).
+        #[serde(default = "yes")]
+        typing: bool,
+    },
+    /// Liveness check; answered with `pong`.
+    Ping {
+        /// Echoed back.
+        #[serde(default)]
+        id: Option<Value>,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Frames the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// The connection is ready.
+    Hello {
+        /// The connection's id (for logs and support).
+        connection_id: String,
+        /// The user the gateway sees.
+        user_id: String,
+        /// The server's ping interval, in ms.
+        heartbeat_ms: u64,
+    },
+    /// A `send` was stored durably; its reply is `generation_id`.
+    Ack {
+        /// The client's id, echoed.
+        client_message_id: String,
+        /// The stored message's id.
+        message_id: String,
+        /// The conversation.
+        conversation_id: String,
+        /// The reply's generation.
+        generation_id: String,
+        /// Its epoch.
+        epoch: u64,
+    },
+    /// A reply started in a subscribed conversation (this connection
+    /// streams it from now on).
+    Reply {
+        /// The conversation.
+        conversation_id: String,
+        /// The generation.
+        generation_id: String,
+        /// Its epoch.
+        epoch: u64,
+    },
+    /// Reply text (coalesced).
+    Delta {
+        /// The generation.
+        generation_id: String,
+        /// Its epoch.
+        epoch: u64,
+        /// First log offset covered.
+        offset: u64,
+        /// Resume point after this frame.
+        next: u64,
+        /// The text.
+        text: String,
+    },
+    /// Reasoning text, where the model streams it.
+    Reasoning {
+        /// The generation.
+        generation_id: String,
+        /// Its epoch.
+        epoch: u64,
+        /// First log offset covered.
+        offset: u64,
+        /// Resume point.
+        next: u64,
+        /// The text.
+        text: String,
+    },
+    /// A fragment of a tool call.
+    ToolCall {
+        /// The generation.
+        generation_id: String,
+        /// Its epoch.
+        epoch: u64,
+        /// First log offset covered.
+        offset: u64,
+        /// Resume point.
+        next: u64,
+        /// The call's index.
+        index: u32,
+        /// Its id (first fragment).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        /// Its function name (first fragment).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Argument text.
+        arguments: String,
+    },
+    /// Tokens billed for the reply.
+    Usage {
+        /// The generation.
+        generation_id: String,
+        /// Its epoch.
+        epoch: u64,
+        /// Offset.
+        offset: u64,
+        /// Resume point.
+        next: u64,
+        /// Prompt tokens.
+        prompt_tokens: u64,
+        /// Completion tokens.
+        completion_tokens: u64,
+    },
+    /// The reply finished.
+    Done {
+        /// The generation.
+        generation_id: String,
+        /// Its epoch.
+        epoch: u64,
+        /// Offset.
+        offset: u64,
+        /// Resume point (the end of the log).
+        next: u64,
+        /// Why it stopped.
+        finish_reason: String,
+    },
+    /// The reply restarts on another provider: discard its partial text.
+    Restart {
+        /// The generation.
+        generation_id: String,
+        /// Its epoch.
+        epoch: u64,
+        /// Offset.
+        offset: u64,
+        /// Resume point.
+        next: u64,
+    },
+    /// Something failed.
+    Error {
+        /// A stable code (`docs/protocol.md`).
+        code: String,
+        /// For people.
+        message: String,
+        /// Whether trying again may work.
+        retryable: bool,
+        /// The generation it concerns, if any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        generation_id: Option<String>,
+        /// The client message it concerns, if any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_message_id: Option<String>,
+    },
+    /// A message another device or participant sent.
+    Message {
+        /// The conversation.
+        conversation_id: String,
+        /// The message (as the history API shows it).
+        message: Value,
+    },
+    /// Who is connected to a conversation.
+    Presence {
+        /// The conversation.
+        conversation_id: String,
+        /// `snapshot`, `join` or `leave`.
+        event: String,
+        /// The users concerned (for a snapshot: everyone present).
+        users: Vec<String>,
+    },
+    /// Someone is (or stopped) typing.
+    Typing {
+        /// The conversation.
+        conversation_id: String,
+        /// Who.
+        user_id: String,
+        /// Typing now.
+        typing: bool,
+    },
+    /// Answer to `ping`.
+    Pong {
+        /// Echoed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<Value>,
+    },
+}
+
+impl ServerFrame {
+    /// An error frame.
+    pub fn error(code: &str, message: impl Into<String>, retryable: bool) -> Self {
+        Self::Error {
+            code: code.to_owned(),
+            message: message.into(),
+            retryable,
+            generation_id: None,
+            client_message_id: None,
+        }
+    }
+
+    /// The SSE event name of this frame (its `type`).
+    pub fn event_name(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "hello",
+            Self::Ack { .. } => "ack",
+            Self::Reply { .. } => "reply",
+            Self::Delta { .. } => "delta",
+            Self::Reasoning { .. } => "reasoning",
+            Self::ToolCall { .. } => "tool_call",
+            Self::Usage { .. } => "usage",
+            Self::Done { .. } => "done",
+            Self::Restart { .. } => "restart",
+            Self::Error { .. } => "error",
+            Self::Message { .. } => "message",
+            Self::Presence { .. } => "presence",
+            Self::Typing { .. } => "typing",
+            Self::Pong { .. } => "pong",
+        }
+    }
+
+    /// The JSON text of the frame.
+    pub fn to_json(&self) -> String {
+        // Serializing plain data to a String cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// WebSocket close codes the gateway uses (`docs/protocol.md`).
+pub mod close {
+    /// The client sent something that is not the protocol (binary frame,
+    /// malformed frames beyond the tolerated count).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A frame over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// The client could not keep up (queue full, or a write blocked past
+    /// the write timeout); reconnect and resume.
+    pub const SLOW_CONSUMER: u16 = 1013;
+    /// The server is shutting down; reconnect (elsewhere) and resume.
+    pub const GOING_AWAY: u16 = 1001;
+    /// No pong within the timeout.
+    pub const PONG_TIMEOUT: u16 = 4000;
+    /// The connection reached its maximum lifetime; reconnect and resume.
+    pub const RECONNECT: u16 = 4001;
+    /// Not authenticated.
+    pub const UNAUTHORIZED: u16 = 4401;
+}
