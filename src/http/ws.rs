@@ -29,6 +29,9 @@ use crate::generation::{Generation, Read};
 use crate::protocol::{ClientFrame, SUBPROTOCOL, ServerFrame, close};
 use crate::store::Owner;
 
+/// How long a closing connection waits for its close frame to go out.
+const CLOSE_WINDOW: Duration = Duration::from_secs(5);
+
 /// Live connections and what each holds, for limits, metrics and tests.
 #[derive(Debug, Default)]
 pub struct Connections {
@@ -283,8 +286,21 @@ async fn run(gateway: Arc<Gateway>, owner: Owner, socket: WebSocket) {
             code,
             reason: Utf8Bytes::from_static(reason),
         }));
-        // A jammed socket gets no close frame: the client sees the drop.
-        drop(tokio::time::timeout(Duration::from_secs(1), sink.send(frame)).await);
+        // The close frame queues behind what the client has not read yet;
+        // a client that drains within the window sees the code, a dead one
+        // just sees the connection drop. Then wait (within the same window)
+        // for the client's close, so the connection ends in a clean
+        // handshake rather than a reset that could hide our code.
+        let deadline = Instant::now() + CLOSE_WINDOW;
+        if let Ok(Ok(())) = tokio::time::timeout_at(deadline, sink.send(frame)).await {
+            while let Ok(Some(Ok(message))) =
+                tokio::time::timeout_at(deadline, incoming.next()).await
+            {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        }
     }
 }
 
