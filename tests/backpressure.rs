@@ -95,7 +95,7 @@ async fn a_client_that_stops_reading_is_bounded_isolated_closed_and_resumable() 
     .unwrap();
     // Read up to the first delta, then stop reading.
     let mut text = String::new();
-    let mut next = 0;
+    let mut next;
     let mut generation = Value::Null;
     let mut epoch = Value::Null;
     loop {
