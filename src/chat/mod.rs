@@ -137,10 +137,16 @@ struct Room {
     history: Option<Vec<(Role, String)>>,
     /// Replies started here whose text joins `history` once they end.
     replies: Vec<Arc<Generation>>,
-    /// Recent sends by client message id (bounded), for idempotency.
-    sent: HashMap<String, Sent>,
+}
+
+/// Recent sends by (conversation, client message id), for idempotency.
+/// Kept apart from the rooms: a client that lost an ack resends after it
+/// reconnected, when its room may have closed.
+#[derive(Debug, Default)]
+struct SentMemory {
+    sent: HashMap<(String, String), Sent>,
     /// Insertion order of `sent`, to forget the oldest.
-    sent_order: VecDeque<String>,
+    order: VecDeque<(String, String)>,
 }
 
 /// The live side of conversations.
@@ -165,10 +171,16 @@ pub struct Chat {
     /// Replies each user started (pruned as they end), for the per-user
     /// limit.
     running: Mutex<HashMap<Owner, Vec<Arc<Generation>>>>,
+    /// Recent sends, for idempotent resends.
+    sent: Mutex<SentMemory>,
 }
 
-/// Sends remembered per room for idempotency.
-const SENT_MEMORY: usize = 256;
+/// How long loading a conversation's context waits for the persister to
+/// store what it has journaled.
+const HISTORY_FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// Sends remembered (over all conversations) for idempotency.
+const SENT_MEMORY: usize = 16 * 1024;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Sections are single map/vector updates: a poisoned value is whole.
@@ -205,6 +217,7 @@ impl Chat {
             rooms: Mutex::new(HashMap::new()),
             subscriptions: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
+            sent: Mutex::new(SentMemory::default()),
         }
     }
 
@@ -410,10 +423,8 @@ impl Chat {
             None => self.check_owner(owner, conversation_id).await?,
         }
         let epoch = crate::generation::epoch();
-        if let Some(sent) = lock(&self.rooms)
-            .get(conversation_id)
-            .and_then(|room| room.sent.get(&client_message_id).cloned())
-        {
+        let key = (conversation_id.to_owned(), client_message_id.clone());
+        if let Some(sent) = lock(&self.sent).sent.get(&key).cloned() {
             return Ok(ServerFrame::Ack {
                 client_message_id,
                 message_id: sent.message_id,
@@ -492,25 +503,27 @@ impl Chat {
             .or_default()
             .push(Arc::clone(&generation));
 
+        {
+            let mut memory = lock(&self.sent);
+            let sent = Sent {
+                message_id: message.id.clone(),
+                generation_id: generation_id.clone(),
+            };
+            if memory.sent.insert(key.clone(), sent).is_none() {
+                memory.order.push_back(key);
+            }
+            while memory.order.len() > SENT_MEMORY {
+                if let Some(old) = memory.order.pop_front() {
+                    memory.sent.remove(&old);
+                }
+            }
+        }
         let mut rooms = lock(&self.rooms);
         let room = rooms.entry(conversation_id.to_owned()).or_default();
         if let Some(history) = &mut room.history {
             history.push((Role::User, content));
         }
         room.replies.push(Arc::clone(&generation));
-        room.sent.insert(
-            client_message_id.clone(),
-            Sent {
-                message_id: message.id.clone(),
-                generation_id: generation_id.clone(),
-            },
-        );
-        room.sent_order.push_back(client_message_id.clone());
-        while room.sent_order.len() > SENT_MEMORY {
-            if let Some(old) = room.sent_order.pop_front() {
-                room.sent.remove(&old);
-            }
-        }
         publish(
             room,
             connection.map(|(id, _)| id),
@@ -586,6 +599,18 @@ impl Chat {
             let Some(store) = &self.store else {
                 return Err(ChatError::StoreUnavailable);
             };
+            // The store lags the persister by a batch: the exchange that
+            // just ended (its room closed when the client left) may not be
+            // in it yet. Wait for what is journaled, within a bound.
+            if let Some(persister) = &self.persister {
+                let flushed = tokio::time::timeout(HISTORY_FLUSH_WAIT, persister.flushed()).await;
+                if flushed.is_err() {
+                    tracing::warn!(
+                        conversation = conversation_id,
+                        "the store lags the persister: context may miss recent messages"
+                    );
+                }
+            }
             let page = PageRequest {
                 after: None,
                 limit: u32::try_from(self.config.max_context_messages)
@@ -691,12 +716,29 @@ pub fn encode(generation: &Generation, read: Read, finish: &mut String) -> Vec<S
     let generation_id = generation.id().to_string();
     let epoch = generation.epoch();
     match read {
-        Read::Frames(frames) => frames
-            .into_iter()
-            .filter_map(|frame| {
-                let (offset, next) = (frame.offset, frame.next);
+        Read::Frames(frames) => {
+            let mut out: Vec<ServerFrame> = Vec::with_capacity(frames.len());
+            // A finish has no frame of its own (`done` tells its reason),
+            // but its offset must still be covered so that every frame
+            // starts where the previous one ended: by the frame before it
+            // in this read, else by the one after it, else by an empty
+            // delta.
+            let mut uncovered: Option<(u64, u64)> = None;
+            for frame in frames {
+                let (mut offset, next) = (frame.offset, frame.next);
+                if let ProviderEvent::Finish(reason) = &frame.event {
+                    reason.as_str().clone_into(finish);
+                    match out.last_mut() {
+                        Some(previous) => extend_to(previous, next),
+                        None => uncovered = Some((offset, next)),
+                    }
+                    continue;
+                }
+                if let Some((start, _)) = uncovered.take() {
+                    offset = start;
+                }
                 let generation_id = generation_id.clone();
-                Some(match frame.event {
+                out.push(match frame.event {
                     ProviderEvent::Text(text) | ProviderEvent::Refusal(text) => {
                         ServerFrame::Delta {
                             generation_id,
@@ -731,31 +773,44 @@ pub fn encode(generation: &Generation, read: Read, finish: &mut String) -> Vec<S
                         prompt_tokens: usage.prompt_tokens,
                         completion_tokens: usage.completion_tokens,
                     },
-                    ProviderEvent::Finish(reason) => {
-                        *finish = reason.as_str().to_owned();
-                        return None;
-                    }
                     ProviderEvent::Restart => ServerFrame::Restart {
                         generation_id,
                         epoch,
                         offset,
                         next,
                     },
-                })
-            })
-            .collect(),
+                    ProviderEvent::Finish(_) => continue,
+                });
+            }
+            if let Some((offset, next)) = uncovered {
+                out.push(ServerFrame::Delta {
+                    generation_id,
+                    epoch,
+                    offset,
+                    next,
+                    text: String::new(),
+                });
+            }
+            out
+        }
         Read::End(Outcome::Complete) => {
             let end = generation.len();
+            // A reader that resumed past the finish event did not see it:
+            // the log still knows the reason.
+            let finish_reason = if finish.is_empty() {
+                generation
+                    .reply()
+                    .finish
+                    .map_or_else(|| "stop".to_owned(), |r| r.as_str().to_owned())
+            } else {
+                finish.clone()
+            };
             vec![ServerFrame::Done {
                 generation_id,
                 epoch,
                 offset: end,
                 next: end,
-                finish_reason: if finish.is_empty() {
-                    "stop".to_owned()
-                } else {
-                    finish.clone()
-                },
+                finish_reason,
             }]
         }
         Read::End(outcome) => {
@@ -773,6 +828,19 @@ pub fn encode(generation: &Generation, read: Read, finish: &mut String) -> Vec<S
                 client_message_id: None,
             }]
         }
+    }
+}
+
+/// Moves the resume point of a generation frame to `next`, so that it also
+/// covers the events up to there.
+fn extend_to(frame: &mut ServerFrame, end: u64) {
+    match frame {
+        ServerFrame::Delta { next, .. }
+        | ServerFrame::Reasoning { next, .. }
+        | ServerFrame::ToolCall { next, .. }
+        | ServerFrame::Usage { next, .. }
+        | ServerFrame::Restart { next, .. } => *next = end,
+        _ => {}
     }
 }
 

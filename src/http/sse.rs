@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
@@ -54,6 +55,16 @@ struct SendBody {
     client_message_id: String,
     #[serde(default)]
     model: Option<String>,
+}
+
+/// The query, or a typed 400 (axum's own rejection is plain text).
+fn query(query: Result<Query<SseQuery>, QueryRejection>) -> Result<SseQuery, ApiError> {
+    query.map(|Query(query)| query).map_err(|err| {
+        ApiError::invalid_request(
+            "invalid_value",
+            format!("Invalid query string: {}", err.body_text()),
+        )
+    })
 }
 
 fn owner(headers: &HeaderMap, query: &SseQuery) -> Result<Owner, ApiError> {
@@ -185,10 +196,11 @@ pub async fn send(
     State(gateway): State<Arc<Gateway>>,
     RequestId(request_id): RequestId,
     Path(conversation_id): Path<String>,
-    Query(query): Query<SseQuery>,
+    query: Result<Query<SseQuery>, QueryRejection>,
     request: Request,
 ) -> Response {
     let result = async {
+        let query = self::query(query)?;
         let owner = owner(request.headers(), &query)?;
         let limit = gateway.config.server.max_body_bytes;
         let body = super::read_body(request.into_body(), limit).await?;
@@ -214,6 +226,13 @@ pub async fn send(
                     _ => StatusCode::SERVICE_UNAVAILABLE,
                 };
                 api.retryable = err.retryable();
+                if api.status == StatusCode::TOO_MANY_REQUESTS {
+                    api.kind = "rate_limit_error";
+                    api.retry_after = Some(Duration::from_secs(1));
+                } else if api.status == StatusCode::SERVICE_UNAVAILABLE {
+                    api.kind = "server_error";
+                    api.retry_after = Some(Duration::from_secs(1));
+                }
                 api
             })?;
         let ServerFrame::Ack { generation_id, .. } = &ack else {
@@ -243,15 +262,17 @@ pub async fn events(
     State(gateway): State<Arc<Gateway>>,
     RequestId(request_id): RequestId,
     Path(generation_id): Path<String>,
-    Query(query): Query<SseQuery>,
+    query: Result<Query<SseQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let result = (|| {
+        let query = self::query(query)?;
         let owner = owner(&headers, &query)?;
+        // A header that is not visible ASCII is malformed (400), not
+        // absent: ignoring it would silently replay from offset 0.
         let last = headers
             .get("last-event-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+            .map(|v| v.to_str().unwrap_or_default().to_owned());
         let (epoch, offset) = match last {
             Some(last) => {
                 let mut parts = last.rsplitn(3, ':');
@@ -311,10 +332,11 @@ pub async fn cancel(
     State(gateway): State<Arc<Gateway>>,
     RequestId(request_id): RequestId,
     Path(generation_id): Path<String>,
-    Query(query): Query<SseQuery>,
+    query: Result<Query<SseQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let result = (|| {
+        let query = self::query(query)?;
         let owner = owner(&headers, &query)?;
         let generation = gateway
             .chat

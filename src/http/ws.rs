@@ -245,12 +245,14 @@ async fn run(gateway: Arc<Gateway>, owner: Owner, socket: WebSocket) {
             },
             popped = outbox.pop() => match popped {
                 Popped::Overflowed => break End::Close(close::SLOW_CONSUMER, "slow consumer: reconnect and resume"),
-                Popped::Frame(frame) => {
-                    if let ServerFrame::Reply { generation_id, .. } = &frame {
-                        connection.attach(generation_id, 0);
-                    }
-                    vec![frame]
-                }
+                Popped::Frame(frame) => match &frame {
+                    // A reply this connection already streams (it resumed
+                    // it first) is not announced again: `reply` means "from
+                    // offset 0", which would make the client drop text.
+                    ServerFrame::Reply { generation_id, .. }
+                        if !connection.attach(generation_id, 0) => Vec::new(),
+                    _ => vec![frame],
+                },
             },
             Some((generation, read)) = connection.streams.next() => connection.encode(&generation, read),
             _ = ping.tick() => {
@@ -376,6 +378,7 @@ impl Connection {
                 offset,
             } => match chat.resumable(&self.owner, &generation_id, epoch, offset) {
                 Ok(()) => {
+                    // Already streamed here (from a `reply`): nothing to do.
                     self.attach(&generation_id, offset);
                     Vec::new()
                 }
@@ -409,20 +412,22 @@ impl Connection {
         }
     }
 
-    /// Starts streaming generation `id` from `offset` through a new cursor.
-    fn attach(&mut self, id: &str, offset: u64) {
+    /// Starts streaming generation `id` from `offset` through a new cursor;
+    /// false when this connection streams it already.
+    fn attach(&mut self, id: &str, offset: u64) -> bool {
         let Ok(uuid) = uuid::Uuid::parse_str(id) else {
-            return;
+            return true;
         };
         if self.streaming.contains(&uuid) {
-            return;
+            return false;
         }
         let Some(generation) = self.gateway.chat.generation_of(&self.owner, id) else {
-            return;
+            return true;
         };
         self.streaming.insert(uuid);
         self.streams
             .push(crate::chat::reads(generation.subscribe(offset)));
+        true
     }
 
     /// The frames of one read.
