@@ -226,6 +226,9 @@ pub enum ServerFrame {
         event: String,
         /// The users concerned (for a snapshot: everyone present).
         users: Vec<String>,
+        /// Devices (connections) present after the event: a user's second
+        /// device joining is a `join` with the same user and one more device.
+        devices: usize,
     },
     /// Someone is (or stopped) typing.
     Typing {

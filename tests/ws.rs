@@ -401,7 +401,7 @@ async fn send_is_acked_streamed_contiguously_to_done_and_stored() {
         before,
         vec![json!({
             "type": "presence", "conversation_id": conversation,
-            "event": "snapshot", "users": ["ada"],
+            "event": "snapshot", "users": ["ada"], "devices": 1,
         })]
     );
     let streamed = ada.stream(&generation, 0).await;
@@ -564,16 +564,19 @@ async fn two_devices_share_messages_replies_and_typing_and_unsubscribe_stops_del
     let mut laptop = Client::connect(&gateway, "ada").await;
     assert_ne!(phone.hello["connection_id"], laptop.hello["connection_id"]);
     let subscribe = json!({ "type": "subscribe", "conversation_id": conversation });
-    let snapshot = json!({
-        "type": "presence", "conversation_id": conversation,
-        "event": "snapshot", "users": ["ada"],
-    });
+    let presence = |event: &str, devices: usize| {
+        json!({
+            "type": "presence", "conversation_id": conversation,
+            "event": event, "users": ["ada"], "devices": devices,
+        })
+    };
     laptop.send(subscribe.clone()).await;
-    assert_eq!(laptop.recv().await, snapshot);
+    assert_eq!(laptop.recv().await, presence("snapshot", 1));
     phone.send(subscribe.clone()).await;
-    // Presence is per user: the second device lists the user once and
-    // announces no join (the user was already here).
-    assert_eq!(phone.recv().await, snapshot);
+    // The second device lists the user once, with two devices, and the
+    // first device hears it join.
+    assert_eq!(phone.recv().await, presence("snapshot", 2));
+    assert_eq!(laptop.recv().await, presence("join", 2));
 
     // Typing reaches the other device, never the sender.
     phone
@@ -626,6 +629,8 @@ async fn two_devices_share_messages_replies_and_typing_and_unsubscribe_stops_del
         .send(json!({ "type": "unsubscribe", "conversation_id": conversation }))
         .await;
     laptop.assert_usable(1).await;
+    // The phone hears the laptop leave.
+    assert_eq!(phone.recv().await, presence("leave", 1));
     let ack = phone
         .send_message(&conversation, "Only the phone", "p-2")
         .await;
@@ -763,7 +768,8 @@ async fn resume_after_disconnects_at_many_points_is_byte_exact() {
             for _ in 0..rng.usize(0..4) {
                 let frame = client.recv().await;
                 match frame["type"].as_str().unwrap() {
-                    "presence" => assert_eq!(frame["event"], "snapshot", "{frame}"),
+                    // Devices come and go around the reconnects.
+                    "presence" => {}
                     // The connection streams the reply from offset 0: what
                     // the client holds is replaced.
                     "reply" => {
@@ -1199,6 +1205,8 @@ async fn per_user_replies_and_per_connection_subscriptions_are_bounded() {
     // streams the running reply too.
     assert_eq!(other_device.recv().await["event"], "snapshot");
     assert_eq!(other_device.recv().await["generation_id"], generation);
+    // The first device hears the second one join.
+    assert_eq!(ada.recv().await["event"], "join");
     let releaser = release_until_stopped(&upstream);
     let streamed = ada.stream(&generation, 1).await;
     assert_eq!(streamed.last()["type"], "done");
@@ -1290,4 +1298,32 @@ async fn the_model_gets_the_whole_context_when_the_user_comes_back_at_once() {
             { "role": "user", "content": "second" },
         ])
     );
+}
+
+#[tokio::test]
+async fn rooms_are_forgotten_once_nobody_is_in_them_and_nothing_runs() {
+    let upstream = FakeUpstream::start().await;
+    upstream.set_default(openai_stream(&["a", "b"], Duration::ZERO));
+    let gateway = TestGateway::start_with(config(&upstream, |_| {})).await;
+    let conversation = conversation(&gateway, "ada").await;
+    let mut ada = Client::connect(&gateway, "ada").await;
+    let ack = ada.send_message(&conversation, "hi", "r-1").await;
+    let generation = ack["generation_id"].as_str().unwrap().to_owned();
+    ada.until_reply(&generation).await;
+    assert_eq!(ada.stream(&generation, 0).await.text, "ab");
+    assert_eq!(
+        gateway.gateway.chat.rooms(),
+        1,
+        "the room is held while ada is in it"
+    );
+    drop(ada);
+    let mut rooms = 1;
+    for _ in 0..200 {
+        rooms = gateway.gateway.chat.rooms();
+        if rooms == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(rooms, 0, "an empty, idle room is forgotten");
 }

@@ -266,7 +266,7 @@ impl Chat {
         }
         let mut rooms = lock(&self.rooms);
         let room = rooms.entry(conversation_id.to_owned()).or_default();
-        let already = room.members.values().any(|m| m.user_id == owner.user_id);
+        let rejoined = room.members.contains_key(&id);
         room.members.insert(
             id,
             Member {
@@ -282,10 +282,12 @@ impl Chat {
             .into_iter()
             .collect();
         users.sort();
+        let devices = room.members.len();
         outbox.push(ServerFrame::Presence {
             conversation_id: conversation_id.to_owned(),
             event: "snapshot".into(),
             users,
+            devices,
         });
         // Replies already running here stream to the newcomer too.
         for generation in room.replies.iter().filter(|g| g.outcome().is_none()) {
@@ -295,7 +297,9 @@ impl Chat {
                 epoch: generation.epoch(),
             });
         }
-        if !already {
+        // Every device's arrival is news to the others (a user's laptop
+        // learns that their phone opened the conversation).
+        if !rejoined {
             publish(
                 room,
                 Some(id),
@@ -303,6 +307,7 @@ impl Chat {
                     conversation_id: conversation_id.to_owned(),
                     event: "join".into(),
                     users: vec![owner.user_id.clone()],
+                    devices,
                 },
             );
         }
@@ -333,21 +338,25 @@ impl Chat {
         let Some(member) = room.members.remove(&id) else {
             return;
         };
-        let still_here = room.members.values().any(|m| m.user_id == member.user_id);
-        if !still_here {
-            publish(
-                room,
-                None,
-                &ServerFrame::Presence {
-                    conversation_id: conversation_id.to_owned(),
-                    event: "leave".into(),
-                    users: vec![member.user_id],
-                },
-            );
-        }
-        if room.members.is_empty() && room.replies.iter().all(|g| g.outcome().is_some()) {
-            rooms.remove(conversation_id);
-        }
+        let devices = room.members.len();
+        publish(
+            room,
+            None,
+            &ServerFrame::Presence {
+                conversation_id: conversation_id.to_owned(),
+                event: "leave".into(),
+                users: vec![member.user_id],
+                devices,
+            },
+        );
+        prune(&mut rooms);
+    }
+
+    /// Rooms held now (for tests and metrics).
+    pub fn rooms(&self) -> usize {
+        let mut rooms = lock(&self.rooms);
+        prune(&mut rooms);
+        rooms.len()
     }
 
     /// Whether connection `id` is subscribed to the conversation.
@@ -519,6 +528,7 @@ impl Chat {
             }
         }
         let mut rooms = lock(&self.rooms);
+        prune(&mut rooms);
         let room = rooms.entry(conversation_id.to_owned()).or_default();
         if let Some(history) = &mut room.history {
             history.push((Role::User, content));
@@ -842,6 +852,17 @@ fn extend_to(frame: &mut ServerFrame, end: u64) {
         | ServerFrame::Restart { next, .. } => *next = end,
         _ => {}
     }
+}
+
+/// Forgets rooms nobody is in and nothing is running in (their history
+/// reloads from the store when someone comes back). Called as members
+/// leave and as sends start, so rooms left while a reply ran (or used only
+/// over SSE) are forgotten once it ends: the map stays bounded by what is
+/// live.
+fn prune(rooms: &mut HashMap<String, Room>) {
+    rooms.retain(|_, room| {
+        !room.members.is_empty() || room.replies.iter().any(|g| g.outcome().is_none())
+    });
 }
 
 /// Pushes `frame` to every member of `room` except `except`.

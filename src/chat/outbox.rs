@@ -1,5 +1,7 @@
-//! A connection's queue of non-token events (acks, messages, presence,
-//! typing, reply announcements): small and bounded.
+//! A connection's queue of room events (messages from other devices,
+//! presence, typing, reply announcements, the hello): small and bounded.
+//! Answers to the connection's own frames (acks, errors, pongs) are written
+//! directly by its loop.
 //!
 //! When it is full, what can be coalesced is: a newer presence event of a
 //! conversation replaces the older one still queued (for the same users),
@@ -128,11 +130,13 @@ fn supersedes(new: &ServerFrame, old: &ServerFrame) -> bool {
                 conversation_id: a,
                 users: new_users,
                 event: new_event,
+                ..
             },
             ServerFrame::Presence {
                 conversation_id: b,
                 users: old_users,
                 event: old_event,
+                ..
             },
         ) => {
             a == b
@@ -163,6 +167,7 @@ mod tests {
             conversation_id: "c".into(),
             event: event.into(),
             users: vec![user.into()],
+            devices: 1,
         }
     }
 

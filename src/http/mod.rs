@@ -81,6 +81,8 @@ impl Gateway {
     /// to) the database, starts the persister (which replays its journal),
     /// from a validated config.
     pub async fn open(config: Config) -> Result<Arc<Self>, StartError> {
+        // Fix this process's log epoch now, at start.
+        crate::generation::epoch();
         let routes = Arc::new(routing::Router::from_config(&config)?);
         let pricing = crate::usage::Pricing::from_config(&config.pricing);
         let mut registry = Registry::new(config.generation.clone(), pricing);

@@ -201,7 +201,9 @@ async fn run(gateway: Arc<Gateway>, owner: Owner, socket: WebSocket) {
     let pong_timeout = Duration::from_secs(config.pong_timeout_secs);
     let mut ping = tokio::time::interval(Duration::from_secs(config.ping_interval_secs));
     ping.tick().await;
-    let mut awaiting_pong: Option<Instant> = None;
+    // When the oldest unanswered ping must have its pong by: the
+    // connection closes at that instant, not at the next tick.
+    let mut pong_due: Option<Instant> = None;
     let lifetime = async {
         if config.max_connection_secs == 0 {
             std::future::pending::<()>().await;
@@ -237,7 +239,7 @@ async fn run(gateway: Arc<Gateway>, owner: Owner, socket: WebSocket) {
                     false,
                 )],
                 Some(Ok(Message::Pong(_))) => {
-                    awaiting_pong = None;
+                    pong_due = None;
                     Vec::new()
                 }
                 // Pings are answered by the WebSocket layer.
@@ -255,12 +257,15 @@ async fn run(gateway: Arc<Gateway>, owner: Owner, socket: WebSocket) {
                 },
             },
             Some((generation, read)) = connection.streams.next() => connection.encode(&generation, read),
-            _ = ping.tick() => {
-                if awaiting_pong.is_some_and(|since| since.elapsed() >= pong_timeout) {
-                    break End::Close(close::PONG_TIMEOUT, "no pong");
+            () = async {
+                match pong_due {
+                    Some(due) => tokio::time::sleep_until(due).await,
+                    None => std::future::pending().await,
                 }
-                if awaiting_pong.is_none() {
-                    awaiting_pong = Some(Instant::now());
+            } => break End::Close(close::PONG_TIMEOUT, "no pong"),
+            _ = ping.tick() => {
+                if pong_due.is_none() {
+                    pong_due = Some(Instant::now() + pong_timeout);
                 }
                 if !send(&mut sink, &connection.stats, Message::Ping(Default::default()), write_timeout).await {
                     break End::Close(close::SLOW_CONSUMER, "slow consumer: reconnect and resume");
