@@ -731,6 +731,16 @@ impl Config {
                 "must be at least generation.max_frame_bytes",
             ));
         }
+        if generation.grace_secs == 0 {
+            // A native reply has no reader for a moment between its start
+            // and its first subscriber; with no grace it would be cancelled
+            // right there. (The OpenAI endpoint always uses 0 on its own.)
+            return Err(invalid(
+                "generation.grace_secs",
+                &0,
+                "must be at least 1 (a reply must survive until its first reader attaches)",
+            ));
+        }
         if generation.max_live == 0 {
             return Err(invalid("generation.max_live", &0, "must be at least 1"));
         }

@@ -316,3 +316,59 @@ async fn streams_do_not_wait_on_a_database_that_is_down() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "store_unavailable");
 }
+
+#[tokio::test]
+async fn a_record_the_database_refuses_for_good_is_skipped_not_retried_forever() {
+    // PostgreSQL refuses NUL in text: a permanent error for that record.
+    let (_database, url) = db::postgres_database().await;
+    let data = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        database_url: Some(url),
+        data_dir: data.path().display().to_string(),
+        batch_max_delay_ms: 50,
+        retry_base_ms: 20,
+        retry_max_ms: 50,
+        ..StoreConfig::default()
+    };
+    let store = spillway::store::open(&config).await.unwrap();
+    store.migrate().await.unwrap();
+    let (persister, running) = Persister::start(Arc::clone(&store), &config).await.unwrap();
+    let message = |content: &str| {
+        Record::Message(MessageRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            conversation_id: "01950000-0000-7000-8000-000000000002".into(),
+            tenant_id: "default".into(),
+            user_id: "codd".into(),
+            role: "user".into(),
+            content: content.into(),
+            status: MessageStatus::Complete,
+            model: None,
+            provider: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            cost_usd: None,
+            usage_estimated: false,
+            client_message_id: None,
+            generation_id: None,
+            created_at: spillway::store::now_ms(),
+        })
+    };
+    persister.submit(&message("before")).await.unwrap();
+    persister.submit(&message("poison\u{0}")).await.unwrap();
+    persister.submit(&message("after")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), persister.flushed())
+        .await
+        .expect("the writer moved past the refused record");
+    let stored: Vec<String> = messages_of(&store, "codd")
+        .await
+        .into_iter()
+        .map(|m| m.content)
+        .collect();
+    assert_eq!(stored, vec!["before".to_owned(), "after".to_owned()]);
+    let dead = persister
+        .stats()
+        .dead_records
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(dead, 1);
+    running.shutdown(Duration::from_secs(5)).await;
+}

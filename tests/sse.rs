@@ -884,3 +884,47 @@ async fn a_client_that_stops_reading_costs_the_upstream_and_others_nothing() {
     assert_eq!(text.len(), big.len());
     assert!(text == big, "the slow client's text is byte-exact");
 }
+
+#[tokio::test]
+async fn concurrent_sends_cannot_slip_past_the_per_user_limit() {
+    let upstream = FakeUpstream::start().await;
+    // Every reply holds until released, so they stay running.
+    let mut steps = vec![openai_text_chunk("held")];
+    steps.push(Step::AwaitRelease);
+    steps.extend(openai_finish(1, 1));
+    upstream.set_default(Script::sse(steps));
+    let gateway = gateway(&upstream, "[chat]\nmax_generations_per_user = 1\n").await;
+    let mut conversations = Vec::new();
+    for _ in 0..6 {
+        conversations.push(create_conversation(&gateway, "racer").await);
+    }
+    let sends = conversations.iter().enumerate().map(|(i, conversation)| {
+        let gateway = &gateway;
+        async move {
+            post_message(gateway, "racer", conversation, "go", &format!("race-{i}"))
+                .await
+                .status()
+                .as_u16()
+        }
+    });
+    let mut statuses = futures_util::future::join_all(sends).await;
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        vec![200, 429, 429, 429, 429, 429],
+        "exactly one reply runs"
+    );
+    upstream.release();
+}
+
+#[tokio::test]
+async fn a_nul_character_in_a_message_is_refused_before_it_can_block_storage() {
+    let upstream = FakeUpstream::start().await;
+    let gateway = gateway(&upstream, "").await;
+    let conversation = create_conversation(&gateway, "nul").await;
+    let response = post_message(&gateway, "nul", &conversation, "bad\u{0}byte", "n-1").await;
+    let (status, error) = error_of(response).await;
+    assert_eq!(status, 400);
+    assert_eq!(error["code"], "invalid_frame");
+    assert!(upstream.requests().is_empty());
+}

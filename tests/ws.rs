@@ -1327,3 +1327,31 @@ async fn rooms_are_forgotten_once_nobody_is_in_them_and_nothing_runs() {
     }
     assert_eq!(rooms, 0, "an empty, idle room is forgotten");
 }
+
+#[tokio::test]
+async fn deleting_a_conversation_ends_its_live_state_and_later_sends_are_refused() {
+    let upstream = FakeUpstream::start().await;
+    upstream.set_default(openai_stream(&["a"], Duration::ZERO));
+    let gateway = TestGateway::start_with(config(&upstream, |_| {})).await;
+    let conversation = conversation(&gateway, "ada").await;
+    let mut ada = Client::connect(&gateway, "ada").await;
+    ada.send(json!({ "type": "subscribe", "conversation_id": conversation }))
+        .await;
+    assert_eq!(ada.recv().await["event"], "snapshot");
+    let response = client()
+        .delete(gateway.url(&format!("/v1/conversations/{conversation}")))
+        .header("x-spillway-user", "ada")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let told = ada.recv().await;
+    assert_eq!(told["code"], "conversation_not_found", "{told}");
+    assert_eq!(gateway.gateway.chat.rooms(), 0);
+    ada.send(json!({ "type": "send", "conversation_id": conversation,
+                     "content": "still here?", "client_message_id": "gone-1" }))
+        .await;
+    let refused = ada.recv().await;
+    assert_eq!(refused["code"], "conversation_not_found", "{refused}");
+    assert!(upstream.requests().is_empty(), "nothing reached the model");
+}

@@ -139,6 +139,47 @@ struct Room {
     replies: Vec<Arc<Generation>>,
 }
 
+/// One user's replies in progress.
+#[derive(Debug, Default)]
+struct Running {
+    /// Replies started and not ended.
+    replies: Vec<Arc<Generation>>,
+    /// Sends past the limit check that have not started their reply yet:
+    /// counted, so concurrent sends cannot all slip under the limit.
+    reserved: usize,
+}
+
+/// A slot under the per-user limit, held by a send until its reply starts
+/// (then it is handed to the reply) or it fails (then it is released).
+struct Slot<'a> {
+    chat: &'a Chat,
+    owner: Owner,
+    /// Still held (not yet handed to a started reply).
+    held: bool,
+}
+
+impl Slot<'_> {
+    /// The reply started: it now counts instead of the reservation.
+    fn fill(mut self, generation: &Arc<Generation>) {
+        let mut running = lock(&self.chat.running);
+        let mine = running.entry(self.owner.clone()).or_default();
+        mine.reserved = mine.reserved.saturating_sub(1);
+        mine.replies.push(Arc::clone(generation));
+        self.held = false;
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            let mut running = lock(&self.chat.running);
+            if let Some(mine) = running.get_mut(&self.owner) {
+                mine.reserved = mine.reserved.saturating_sub(1);
+            }
+        }
+    }
+}
+
 /// Recent sends by (conversation, client message id), for idempotency.
 /// Kept apart from the rooms: a client that lost an ack resends after it
 /// reconnected, when its room may have closed.
@@ -170,7 +211,7 @@ pub struct Chat {
     subscriptions: Mutex<HashMap<ConnectionId, HashSet<String>>>,
     /// Replies each user started (pruned as they end), for the per-user
     /// limit.
-    running: Mutex<HashMap<Owner, Vec<Arc<Generation>>>>,
+    running: Mutex<HashMap<Owner, Running>>,
     /// Recent sends, for idempotent resends.
     sent: Mutex<SentMemory>,
 }
@@ -408,6 +449,12 @@ impl Chat {
         if content.trim().is_empty() {
             return Err(ChatError::Invalid("'content' must not be empty".into()));
         }
+        // PostgreSQL cannot store NUL in text; nobody types one.
+        if content.contains('\0') || client_message_id.contains('\0') {
+            return Err(ChatError::Invalid(
+                "'content' must not contain NUL characters".into(),
+            ));
+        }
         if content.len() > self.config.max_message_bytes {
             return Err(ChatError::Invalid(format!(
                 "'content' exceeds {} bytes",
@@ -442,7 +489,7 @@ impl Chat {
                 epoch,
             });
         }
-        self.check_limit(owner)?;
+        let slot = self.reserve(owner)?;
         let history = self.history(owner, conversation_id).await?;
 
         let now = crate::store::now_ms();
@@ -507,10 +554,7 @@ impl Chat {
         // Members attach their own cursors when they see `reply`.
         drop(subscriber);
         let generation_id = generation.id().to_string();
-        lock(&self.running)
-            .entry(owner.clone())
-            .or_default()
-            .push(Arc::clone(&generation));
+        slot.fill(&generation);
 
         {
             let mut memory = lock(&self.sent);
@@ -583,16 +627,77 @@ impl Chat {
         Ok(row.id)
     }
 
-    fn check_limit(&self, owner: &Owner) -> Result<(), ChatError> {
+    /// Takes a slot under the per-user limit of running replies.
+    fn reserve(&self, owner: &Owner) -> Result<Slot<'_>, ChatError> {
         let mut running = lock(&self.running);
+        // Forget ended replies and idle users, so the map stays bounded by
+        // what is running.
+        running.retain(|_, mine| {
+            mine.replies.retain(|g| g.outcome().is_none());
+            !mine.replies.is_empty() || mine.reserved > 0
+        });
         let mine = running.entry(owner.clone()).or_default();
-        mine.retain(|g| g.outcome().is_none());
-        if mine.len() >= self.config.max_generations_per_user {
+        if mine.replies.len() + mine.reserved >= self.config.max_generations_per_user {
             return Err(ChatError::TooManyGenerations(
                 self.config.max_generations_per_user,
             ));
         }
-        Ok(())
+        mine.reserved += 1;
+        Ok(Slot {
+            chat: self,
+            owner: owner.clone(),
+            held: true,
+        })
+    }
+
+    /// Forgets everything live about a deleted conversation: its room (and
+    /// the history cached there), its running replies (cancelled) and the
+    /// sends remembered for it. Members are told and unsubscribed.
+    pub fn forget_conversation(&self, conversation_id: &str) {
+        let room = lock(&self.rooms).remove(conversation_id);
+        if let Some(room) = room {
+            for generation in &room.replies {
+                generation.cancel(CancelReason::Requested);
+            }
+            let gone = ChatError::NotFound.frame(None);
+            for (id, member) in &room.members {
+                member.outbox.push(gone.clone());
+                if let Some(mine) = lock(&self.subscriptions).get_mut(id) {
+                    mine.remove(conversation_id);
+                }
+            }
+        }
+        let mut memory = lock(&self.sent);
+        memory
+            .sent
+            .retain(|(conversation, _), _| conversation != conversation_id);
+        memory
+            .order
+            .retain(|(conversation, _)| conversation != conversation_id);
+    }
+
+    /// Forgets everything live about an erased user: every room of theirs
+    /// (history included) and their running replies.
+    pub fn forget_user(&self, owner: &Owner) {
+        let conversations: Vec<String> = lock(&self.rooms)
+            .iter()
+            .filter(|(_, room)| {
+                room.members.values().any(|m| m.user_id == owner.user_id)
+                    || room
+                        .replies
+                        .iter()
+                        .any(|g| g.persisted_to().is_some_and(|to| to.owner == *owner))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for conversation_id in conversations {
+            self.forget_conversation(&conversation_id);
+        }
+        if let Some(mine) = lock(&self.running).remove(owner) {
+            for generation in mine.replies {
+                generation.cancel(CancelReason::Requested);
+            }
+        }
     }
 
     /// The conversation so far, for the model: loaded from the store the

@@ -77,6 +77,9 @@ struct State {
     outcome: Option<Outcome>,
 }
 
+/// Memory an event costs beyond its text: the enum slot and an allocation.
+const EVENT_OVERHEAD: usize = std::mem::size_of::<ProviderEvent>() + 16;
+
 /// Result of an append.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Appended {
@@ -117,7 +120,9 @@ impl Log {
         if state.outcome.is_some() {
             return Appended::Ended;
         }
-        let size = payload_bytes(&event);
+        // The bound counts what an event costs in memory, not only its
+        // text: a reply of a million one-byte tokens is not 1 MB.
+        let size = payload_bytes(&event) + EVENT_OVERHEAD;
         if state.bytes + size > self.max_bytes {
             let error = ProviderError::new(
                 ErrorClass::ReplyTooLarge,
@@ -329,7 +334,8 @@ mod tests {
 
     #[test]
     fn appending_past_the_reply_bound_ends_the_log() {
-        let log = Log::new(10);
+        // Room for 10 bytes of text in two events.
+        let log = Log::new(10 + 2 * EVENT_OVERHEAD);
         assert_eq!(log.append(text("12345")), Appended::Yes);
         assert_eq!(log.append(text("123456")), Appended::TooLarge);
         assert_eq!(log.len(), 1);

@@ -252,7 +252,8 @@ impl Generation {
             tenant_id: to.owner.tenant_id.clone(),
             user_id: to.owner.user_id.clone(),
             role: "assistant".into(),
-            content: reply.text,
+            // PostgreSQL cannot store NUL in text.
+            content: reply.text.replace('\0', "\u{FFFD}"),
             status,
             model: record.upstream_model.clone(),
             provider: record.provider.clone(),

@@ -339,6 +339,8 @@ pub async fn delete(
             .await
             .map_err(|e| unavailable(&e))?
             .ok_or_else(not_found)?;
+        // Nothing live may outlive the deletion (cached history, replies).
+        gateway.chat.forget_conversation(&id);
         Ok(Json(json!({ "id": id, "object": "conversation", "deleted": true, "messages_deleted": deleted.messages }))
             .into_response())
     }
@@ -410,6 +412,7 @@ pub async fn erase(
             .delete_user(&owner)
             .await
             .map_err(|e| unavailable(&e))?;
+        gateway.chat.forget_user(&owner);
         Ok(Json(json!({
             "object": "erasure",
             "deleted": true,

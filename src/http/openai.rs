@@ -116,7 +116,8 @@ async fn complete(
 }
 
 /// Records an OpenAI-compatible request as a new conversation of its user
-/// (`X-Spillway-User`, else the request's `user` field, else `api`) holding
+/// (`X-Spillway-User`, else `api`; never the request body's `user` field,
+/// which any caller can set to anyone) holding
 /// the request's last user message; the reply joins it when it ends. The
 /// records are queued, not awaited to disk: nobody waits for an ack here,
 /// and the stream must not wait on persistence.
@@ -127,11 +128,7 @@ async fn persist_request(
 ) -> PersistTo {
     let owner = owner.unwrap_or_else(|| Owner {
         tenant_id: super::DEV_TENANT.to_owned(),
-        user_id: chat
-            .user
-            .clone()
-            .filter(|u| !u.is_empty() && u.len() <= 128)
-            .unwrap_or_else(|| "api".to_owned()),
+        user_id: "api".to_owned(),
     });
     let now = crate::store::now_ms();
     let conversation_id = uuid::Uuid::now_v7().to_string();
@@ -151,7 +148,8 @@ async fn persist_request(
         tenant_id: owner.tenant_id.clone(),
         user_id: owner.user_id.clone(),
         role: "user".into(),
-        content: m.joined_text(),
+        // PostgreSQL cannot store NUL in text.
+        content: m.joined_text().replace('\0', "\u{FFFD}"),
         status: MessageStatus::Complete,
         model: None,
         provider: None,

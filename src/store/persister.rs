@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::journal::{self, Journal, JournalConfig, JournalReader, Position};
-use super::{Record, Store};
+use super::{Record, Store, StoreError};
 use crate::config::StoreConfig;
 
 /// Most records one fsync covers.
@@ -80,6 +80,10 @@ pub struct Stats {
     pub corrupt_records: AtomicU64,
     /// Bytes of torn tail cut at the last recovery.
     pub torn_bytes: AtomicU64,
+    /// Records the database refused for good (a constraint or data error
+    /// no retry can fix): logged (ids only) and skipped, so one bad record
+    /// cannot block every write after it.
+    pub dead_records: AtomicU64,
 }
 
 enum Submission {
@@ -203,8 +207,7 @@ impl Persister {
     /// Submits `record` and waits until it is durable (journaled and
     /// fsync'd): from then on it will reach the database.
     pub async fn submit(&self, record: &Record) -> Result<(), PersistError> {
-        let payload =
-            serde_json::to_vec(record).map_err(|err| PersistError::Encode(err.to_string()))?;
+        let payload = encode(record)?;
         let (ack, acked) = oneshot::channel();
         self.queue
             .send(Submission::Record {
@@ -220,8 +223,7 @@ impl Persister {
     /// nobody acknowledges (it still waits for queue room, which is the
     /// backpressure of a saturated disk).
     pub async fn enqueue(&self, record: &Record) -> Result<(), PersistError> {
-        let payload =
-            serde_json::to_vec(record).map_err(|err| PersistError::Encode(err.to_string()))?;
+        let payload = encode(record)?;
         self.queue
             .send(Submission::Record { payload, ack: None })
             .await
@@ -259,6 +261,21 @@ impl Running {
             }
         }
     }
+}
+
+/// A record as a journal payload, refused (alone) if it could never be
+/// journaled, so it cannot fail the group commit of everyone else's.
+fn encode(record: &Record) -> Result<Vec<u8>, PersistError> {
+    let payload =
+        serde_json::to_vec(record).map_err(|err| PersistError::Encode(err.to_string()))?;
+    if payload.len() > journal::MAX_RECORD_BYTES {
+        return Err(PersistError::Encode(format!(
+            "record of {} bytes exceeds the journal's {} byte limit",
+            payload.len(),
+            journal::MAX_RECORD_BYTES
+        )));
+    }
+    Ok(payload)
 }
 
 /// The journal thread: group commits until closed.
@@ -420,8 +437,24 @@ async fn write_loop(mut w: Writer) {
     }
 }
 
+/// Whether the database refused for good: a data or constraint error that
+/// the same write will meet again, as opposed to the database being away.
+fn is_permanent(err: &StoreError) -> bool {
+    match err {
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            !matches!(db.kind(), sqlx::error::ErrorKind::Other)
+                || db.code().is_some_and(|code| code.starts_with("22"))
+        }
+        StoreError::Database(sqlx::Error::Encode(_) | sqlx::Error::Decode(_))
+        | StoreError::Corrupt(_) => true,
+        _ => false,
+    }
+}
+
 /// Writes one batch, retrying with capped exponential backoff for as long
-/// as it takes (shutdown bounds it from outside).
+/// as it takes (shutdown bounds it from outside). A batch refused for good
+/// is written record by record, so only the records the database will
+/// never take are skipped.
 async fn store_with_retry(w: &Writer, records: &[Record]) {
     let mut delay = w.retry_base;
     loop {
@@ -432,9 +465,38 @@ async fn store_with_retry(w: &Writer, records: &[Record]) {
                 w.stats.last_batch_micros.store(micros, Ordering::Relaxed);
                 return;
             }
+            Err(err) if is_permanent(&err) => {
+                w.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                for record in records {
+                    store_one(w, record).await;
+                }
+                return;
+            }
             Err(err) => {
                 w.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%err, retry_in_ms = delay.as_millis() as u64, records = records.len(), "database write failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(w.retry_max);
+            }
+        }
+    }
+}
+
+/// Writes one record, retrying while the database is away; a record it
+/// refuses for good is dropped and counted.
+async fn store_one(w: &Writer, record: &Record) {
+    let mut delay = w.retry_base;
+    loop {
+        match w.store.write_batch(std::slice::from_ref(record)).await {
+            Ok(()) => return,
+            Err(err) if is_permanent(&err) => {
+                w.stats.dead_records.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%err, id = record.id(), "the database refused a record for good; skipped");
+                return;
+            }
+            Err(err) => {
+                w.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%err, "database write failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(w.retry_max);
             }
