@@ -928,3 +928,46 @@ async fn a_nul_character_in_a_message_is_refused_before_it_can_block_storage() {
     assert_eq!(error["code"], "invalid_frame");
     assert!(upstream.requests().is_empty());
 }
+
+#[tokio::test]
+async fn two_racing_sends_of_one_message_start_one_reply() {
+    let upstream = FakeUpstream::start().await;
+    upstream.set_default(openai_stream(&["once"], Duration::ZERO));
+    let gateway = gateway(&upstream, "").await;
+    let conversation = create_conversation(&gateway, "twin").await;
+    for round in 0..5 {
+        let id = format!("same-{round}");
+        let (a, b) = tokio::join!(
+            post_message(&gateway, "twin", &conversation, "hello", &id),
+            post_message(&gateway, "twin", &conversation, "hello", &id),
+        );
+        let mut generations = Vec::new();
+        for response in [a, b] {
+            match response.status().as_u16() {
+                200 => {
+                    let text = within("stream", response.text()).await.unwrap();
+                    let ack = text
+                        .split("\n\n")
+                        .find(|block| block.contains("event: ack"))
+                        .expect("an ack event");
+                    let data = ack.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+                    let ack: Value = serde_json::from_str(data).unwrap();
+                    generations.push(ack["generation_id"].as_str().unwrap().to_owned());
+                }
+                409 => {
+                    let (_, error) = error_of(response).await;
+                    assert_eq!(error["code"], "send_in_progress");
+                    assert_eq!(error["retryable"], true);
+                }
+                other => panic!("unexpected status {other}"),
+            }
+        }
+        generations.dedup();
+        assert_eq!(generations.len(), 1, "round {round}: one reply");
+    }
+    assert_eq!(
+        upstream.requests().len(),
+        5,
+        "one upstream request per message"
+    );
+}

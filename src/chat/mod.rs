@@ -69,6 +69,9 @@ pub enum ChatError {
     /// The gateway cannot start a reply now.
     #[error("{0}")]
     Unavailable(String),
+    /// A send with this client message id is still being processed.
+    #[error("this message is still being sent; resend it in a moment")]
+    InProgress,
 }
 
 impl ChatError {
@@ -84,6 +87,7 @@ impl ChatError {
             Self::StoreUnavailable => "store_unavailable",
             Self::NotStored => "not_stored",
             Self::Unavailable(_) => "unavailable",
+            Self::InProgress => "send_in_progress",
         }
     }
 
@@ -95,6 +99,7 @@ impl ChatError {
                 | Self::StoreUnavailable
                 | Self::NotStored
                 | Self::Unavailable(_)
+                | Self::InProgress
         )
     }
 
@@ -180,12 +185,27 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// Marks a send in progress; unmarked when the send ends, whatever way.
+struct Pending<'a> {
+    chat: &'a Chat,
+    key: (String, String),
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        lock(&self.chat.sent).pending.remove(&self.key);
+    }
+}
+
 /// Recent sends by (conversation, client message id), for idempotency.
 /// Kept apart from the rooms: a client that lost an ack resends after it
 /// reconnected, when its room may have closed.
 #[derive(Debug, Default)]
 struct SentMemory {
     sent: HashMap<(String, String), Sent>,
+    /// Sends on their way (stored, reply not yet started): a resend of
+    /// one of these is told to retry, never answered twice.
+    pending: HashSet<(String, String)>,
     /// Insertion order of `sent`, to forget the oldest.
     order: VecDeque<(String, String)>,
 }
@@ -480,15 +500,28 @@ impl Chat {
         }
         let epoch = crate::generation::epoch();
         let key = (conversation_id.to_owned(), client_message_id.clone());
-        if let Some(sent) = lock(&self.sent).sent.get(&key).cloned() {
-            return Ok(ServerFrame::Ack {
-                client_message_id,
-                message_id: sent.message_id,
-                conversation_id: conversation_id.to_owned(),
-                generation_id: sent.generation_id,
-                epoch,
-            });
+        {
+            let mut memory = lock(&self.sent);
+            if let Some(sent) = memory.sent.get(&key).cloned() {
+                return Ok(ServerFrame::Ack {
+                    client_message_id,
+                    message_id: sent.message_id,
+                    conversation_id: conversation_id.to_owned(),
+                    generation_id: sent.generation_id,
+                    epoch,
+                });
+            }
+            // Check and mark in one step: two sends of one id racing (a
+            // resend after a reconnect while the first is still being
+            // stored) cannot both start a reply.
+            if !memory.pending.insert(key.clone()) {
+                return Err(ChatError::InProgress);
+            }
         }
+        let _pending = Pending {
+            chat: self,
+            key: key.clone(),
+        };
         let slot = self.reserve(owner)?;
         let history = self.history(owner, conversation_id).await?;
 

@@ -223,6 +223,7 @@ pub async fn send(
                     crate::chat::ChatError::UnknownModel(_) => StatusCode::NOT_FOUND,
                     crate::chat::ChatError::TooManyGenerations(_) => StatusCode::TOO_MANY_REQUESTS,
                     crate::chat::ChatError::Invalid(_) => StatusCode::BAD_REQUEST,
+                    crate::chat::ChatError::InProgress => StatusCode::CONFLICT,
                     _ => StatusCode::SERVICE_UNAVAILABLE,
                 };
                 api.retryable = err.retryable();
