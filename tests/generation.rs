@@ -296,3 +296,31 @@ async fn shutdown_cancels_running_generations_and_refuses_new_ones() {
         Err(RegistryError::ShuttingDown)
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn finished_replies_kept_for_resume_never_lock_new_ones_out() {
+    let config = GenerationConfig {
+        max_live: 2,
+        ..GenerationConfig::default()
+    };
+    let registry = registry(config);
+    let mut ids = Vec::new();
+    // Six replies in a row, each finished and kept for its resume window.
+    for _ in 0..6 {
+        let mut subscriber = start(&registry, mock(2, 0), KEEP).expect("room for a new reply");
+        ids.push(subscriber.generation().id());
+        drain(&mut subscriber).await;
+        drop(subscriber);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Kept ones are bounded (twice the running limit): the oldest went first.
+    assert!(registry.len() <= 4, "{} held", registry.len());
+    assert!(
+        registry.get(ids[0]).is_none(),
+        "the oldest finished was forgotten"
+    );
+    assert!(
+        registry.get(ids[5]).is_some(),
+        "the newest is still resumable"
+    );
+}

@@ -126,10 +126,28 @@ impl Registry {
         };
         let (generation, subscriber, driver) = {
             let mut live = self.lock();
-            if live.len() >= self.config.max_live {
+            // The limit counts running replies only: finished ones kept for
+            // resume must not lock new ones out. Those are bounded apart:
+            // past as many again, the oldest finished is forgotten first
+            // (ids are UUIDv7, so the smallest is the oldest).
+            let running = live.values().filter(|g| g.outcome().is_none()).count();
+            if running >= self.config.max_live {
                 return Err(RegistryError::Full {
                     limit: self.config.max_live,
                 });
+            }
+            while live.len() >= self.config.max_live.saturating_mul(2) {
+                let oldest = live
+                    .iter()
+                    .filter(|(_, g)| g.outcome().is_some())
+                    .map(|(id, _)| *id)
+                    .min();
+                match oldest {
+                    Some(id) => {
+                        live.remove(&id);
+                    }
+                    None => break,
+                }
             }
             let (generation, subscriber, driver) = Generation::create(spec);
             live.insert(generation.id(), Arc::clone(&generation));
