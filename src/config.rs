@@ -30,6 +30,8 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("SPILLWAY_LOG_LEVEL", "log.level"),
     ("SPILLWAY_DATABASE_URL", "store.database_url"),
     ("SPILLWAY_DATA_DIR", "store.data_dir"),
+    ("SPILLWAY_REDIS_URL", "cluster.redis_url"),
+    ("SPILLWAY_NODE_ID", "cluster.node_id"),
 ];
 
 /// The whole configuration.
@@ -54,6 +56,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// The native protocol: WebSocket and SSE conversations.
     pub chat: ChatConfig,
+    /// Several instances as one, through Redis.
+    pub cluster: ClusterConfig,
     /// Upstreams, referenced by name from `models`.
     pub providers: Vec<ProviderConfig>,
     /// Model names clients may ask for, each mapped to provider targets.
@@ -72,6 +76,7 @@ impl Default for Config {
             pricing: Vec::new(),
             store: StoreConfig::default(),
             chat: ChatConfig::default(),
+            cluster: ClusterConfig::default(),
             providers: vec![ProviderConfig {
                 name: "mock".into(),
                 kind: ProviderKind::Mock,
@@ -348,6 +353,65 @@ impl Default for ChatConfig {
             pong_timeout_secs: 20,
             write_timeout_ms: 10_000,
             max_connection_secs: 3_600,
+        }
+    }
+}
+
+/// `[cluster]`: several instances behaving as one through Redis. Without
+/// `redis_url` the gateway runs alone with its in-process bus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db` (or `rediss://`); empty: one instance, the
+    /// in-process bus.
+    pub redis_url: String,
+    /// This instance's id in logs, health and Redis keys; empty: generated
+    /// at start (set it to the machine id to keep it across restarts).
+    pub node_id: String,
+    /// Milliseconds between node heartbeats and presence refreshes; an
+    /// instance is dead after three missed heartbeats.
+    pub heartbeat_ms: u64,
+    /// Milliseconds between position checks of a reply followed from
+    /// another instance (recovers missed batches and a missed end).
+    pub position_check_ms: u64,
+    /// Milliseconds a dropped connection stays present, so a reconnect
+    /// within it makes no leave/join flicker; 0: leave at once.
+    pub presence_grace_ms: u64,
+    /// Messages from Redis queued for dispatch before they are dropped
+    /// (and counted); followers recover theirs by position check.
+    pub inbound_capacity: usize,
+    /// Events queued for publishing to Redis before they are dropped (and
+    /// counted).
+    pub outbound_capacity: usize,
+    /// Seconds a running reply's stream and meta live in Redis without a
+    /// write; a finished one lives `generation.resume_window_secs`.
+    pub stream_ttl_secs: u64,
+    /// Seconds a send's idempotency record lives in Redis.
+    pub sent_ttl_secs: u64,
+    /// Milliseconds one Redis command may take before it counts as failed.
+    pub command_timeout_ms: u64,
+    /// Replies followed from other instances at once on this instance.
+    pub max_followers: usize,
+    /// `/readyz` answers 503 while Redis is configured and unreachable
+    /// (false: it reports the fault but stays ready).
+    pub ready_requires_redis: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: String::new(),
+            node_id: String::new(),
+            heartbeat_ms: 2_000,
+            position_check_ms: 1_000,
+            presence_grace_ms: 15_000,
+            inbound_capacity: 4_096,
+            outbound_capacity: 4_096,
+            stream_ttl_secs: 3_600,
+            sent_ttl_secs: 86_400,
+            command_timeout_ms: 1_000,
+            max_followers: 10_000,
+            ready_requires_redis: true,
         }
     }
 }
@@ -714,6 +778,49 @@ impl Config {
                 "server.heartbeat_secs",
                 &self.server.heartbeat_secs,
                 "must be between 1 and 15 (proxies cut streams idle for longer)",
+            ));
+        }
+        let cluster = &self.cluster;
+        for (key, value) in [
+            ("cluster.heartbeat_ms", cluster.heartbeat_ms),
+            ("cluster.position_check_ms", cluster.position_check_ms),
+            ("cluster.command_timeout_ms", cluster.command_timeout_ms),
+            ("cluster.stream_ttl_secs", cluster.stream_ttl_secs),
+            ("cluster.sent_ttl_secs", cluster.sent_ttl_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, &0, "must be at least 1"));
+            }
+        }
+        for (key, value) in [
+            ("cluster.inbound_capacity", cluster.inbound_capacity),
+            ("cluster.outbound_capacity", cluster.outbound_capacity),
+            ("cluster.max_followers", cluster.max_followers),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, &0, "must be at least 1"));
+            }
+        }
+        let schemes = ["redis://", "rediss://", "redis+unix://"];
+        if !cluster.redis_url.is_empty()
+            && !schemes.iter().any(|s| cluster.redis_url.starts_with(s))
+        {
+            return Err(invalid(
+                "cluster.redis_url",
+                &"<redacted>",
+                "must start with redis://, rediss:// or redis+unix://",
+            ));
+        }
+        if cluster.node_id.len() > 64
+            || !cluster
+                .node_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(invalid(
+                "cluster.node_id",
+                &cluster.node_id,
+                "must be at most 64 letters, digits, '-', '_' or '.'",
             ));
         }
         let generation = &self.generation;

@@ -132,6 +132,8 @@ impl From<&ProviderError> for ApiError {
             C::Connect | C::Unavailable | C::Protocol | C::ReplyTooLarge => {
                 (StatusCode::BAD_GATEWAY, "upstream_error")
             }
+            C::Interrupted => (StatusCode::BAD_GATEWAY, "server_error"),
+            C::Gap => (StatusCode::CONFLICT, "invalid_request_error"),
             // The provider rejected the gateway's own key: an operator
             // problem, reported without details of the credentials.
             C::Auth => (StatusCode::BAD_GATEWAY, "upstream_error"),

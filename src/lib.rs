@@ -32,6 +32,7 @@
 //! - [`shutdown`]: the signal that starts a graceful drain.
 
 pub mod chat;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod generation;

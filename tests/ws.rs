@@ -1301,10 +1301,58 @@ async fn the_model_gets_the_whole_context_when_the_user_comes_back_at_once() {
 }
 
 #[tokio::test]
+async fn a_device_that_reconnects_within_the_presence_grace_makes_no_flicker() {
+    let upstream = FakeUpstream::start().await;
+    let gateway = TestGateway::start_with(config(&upstream, |c| {
+        c.cluster.presence_grace_ms = 400;
+    }))
+    .await;
+    let conversation = conversation(&gateway, "ada").await;
+    let subscribe = json!({ "type": "subscribe", "conversation_id": conversation });
+    let presence = |event: &str, devices: usize| {
+        json!({
+            "type": "presence", "conversation_id": conversation,
+            "event": event, "users": ["ada"], "devices": devices,
+        })
+    };
+    let mut phone = Client::connect(&gateway, "ada").await;
+    phone.send(subscribe.clone()).await;
+    assert_eq!(phone.recv().await, presence("snapshot", 1));
+    let mut laptop = Client::connect(&gateway, "ada").await;
+    laptop.send(subscribe.clone()).await;
+    assert_eq!(laptop.recv().await, presence("snapshot", 2));
+    assert_eq!(phone.recv().await, presence("join", 2));
+
+    // The laptop's network drops; it reconnects at once and subscribes
+    // again: it takes its own place, so the phone hears neither a leave
+    // nor a join, and the laptop's snapshot still counts two devices.
+    drop(laptop);
+    let mut laptop = Client::connect(&gateway, "ada").await;
+    laptop.send(subscribe.clone()).await;
+    assert_eq!(laptop.recv().await, presence("snapshot", 2));
+    laptop
+        .send(json!({ "type": "typing", "conversation_id": conversation }))
+        .await;
+    // Frames arrive in order: a leave or join would come before this.
+    assert_eq!(
+        phone.recv().await,
+        json!({ "type": "typing", "conversation_id": conversation, "user_id": "ada", "typing": true })
+    );
+
+    // Gone for good: the phone hears the leave once the grace has passed.
+    drop(laptop);
+    assert_eq!(phone.recv().await, presence("leave", 1));
+}
+
+#[tokio::test]
 async fn rooms_are_forgotten_once_nobody_is_in_them_and_nothing_runs() {
     let upstream = FakeUpstream::start().await;
     upstream.set_default(openai_stream(&["a", "b"], Duration::ZERO));
-    let gateway = TestGateway::start_with(config(&upstream, |_| {})).await;
+    // A dropped connection leaves at once (no presence grace).
+    let gateway = TestGateway::start_with(config(&upstream, |c| {
+        c.cluster.presence_grace_ms = 0;
+    }))
+    .await;
     let conversation = conversation(&gateway, "ada").await;
     let mut ada = Client::connect(&gateway, "ada").await;
     let ack = ada.send_message(&conversation, "hi", "r-1").await;

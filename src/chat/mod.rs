@@ -8,17 +8,21 @@
 //! bounded queue; the reply's tokens never go through it: each member reads
 //! the generation's log through its own cursor.
 //!
-//! This is the single-instance implementation; the cluster work fans rooms
-//! out across instances.
+//! Across instances, the [`Bus`] carries room events (published once,
+//! delivered to the members on every instance), presence (each room keeps
+//! the other instances' members, refreshed every heartbeat) and replies
+//! (a reply produced elsewhere is followed as a replica generation that
+//! members stream like a local one).
 
 mod outbox;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 pub use outbox::{Outbox, Popped};
 
+use crate::cluster::{Bus, Claim, Inbound, MemberKey, Refreshed, RoomEvent};
 use crate::config::{ChatConfig, Config};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
@@ -120,8 +124,20 @@ impl ChatError {
 struct Member {
     /// Presence is per user.
     user_id: String,
-    /// Where the room's events go.
-    outbox: Arc<Outbox>,
+    /// Where the room's events go; `None` for a dropped connection kept
+    /// present for the presence grace (a reconnect takes its place).
+    outbox: Option<Arc<Outbox>>,
+    /// Its identity in presence (other instances know it by this): the
+    /// connection id that joined, kept by a reconnect that takes over.
+    presence_id: ConnectionId,
+}
+
+/// A member of a room on another instance.
+#[derive(Debug, Clone)]
+struct Remote {
+    user_id: String,
+    /// Refreshes in a row that did not list it.
+    missed: u8,
 }
 
 /// A send already answered: a resend with the same client id gets this.
@@ -142,6 +158,31 @@ struct Room {
     history: Option<Vec<(Role, String)>>,
     /// Replies started here whose text joins `history` once they end.
     replies: Vec<Arc<Generation>>,
+    /// Receiving this room's events from the bus.
+    opened: bool,
+    /// Members on other instances.
+    remote: HashMap<MemberKey, Remote>,
+}
+
+impl Room {
+    /// Devices present, on every instance.
+    fn devices(&self) -> usize {
+        self.members.len() + self.remote.len()
+    }
+
+    /// Users present, on every instance, sorted.
+    fn users(&self) -> Vec<String> {
+        let mut users: Vec<String> = self
+            .members
+            .values()
+            .map(|m| m.user_id.clone())
+            .chain(self.remote.values().map(|r| r.user_id.clone()))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        users.sort();
+        users
+    }
 }
 
 /// One user's replies in progress.
@@ -234,6 +275,16 @@ pub struct Chat {
     running: Mutex<HashMap<Owner, Running>>,
     /// Recent sends, for idempotent resends.
     sent: Mutex<SentMemory>,
+    /// Other instances (or none).
+    bus: Arc<dyn Bus>,
+    /// How long a dropped connection stays present.
+    presence_grace: Duration,
+    /// How often presence is refreshed across instances.
+    heartbeat: Duration,
+    /// How long a resume waits for a followed reply to reach its offset.
+    catch_up_wait: Duration,
+    /// This service, for the tasks it spawns.
+    me: OnceLock<Weak<Chat>>,
 }
 
 /// How long loading a conversation's context waits for the persister to
@@ -256,6 +307,7 @@ impl Chat {
         persister: Option<Persister>,
         generations: Arc<Registry>,
         routes: Arc<Router>,
+        bus: Arc<dyn Bus>,
     ) -> Self {
         let default_model = if config.chat.default_model.is_empty() {
             config
@@ -279,7 +331,50 @@ impl Chat {
             subscriptions: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             sent: Mutex::new(SentMemory::default()),
+            bus,
+            presence_grace: Duration::from_millis(config.cluster.presence_grace_ms),
+            heartbeat: Duration::from_millis(config.cluster.heartbeat_ms),
+            catch_up_wait: Duration::from_millis(
+                (3 * config.cluster.position_check_ms).max(config.cluster.command_timeout_ms),
+            ),
+            me: OnceLock::new(),
         }
+    }
+
+    /// Starts the service's background work: with a shared bus, the
+    /// dispatch of other instances' events and the presence heartbeat.
+    pub fn start(self: &Arc<Self>) {
+        if self.me.set(Arc::downgrade(self)).is_err() {
+            return;
+        }
+        if !self.bus.is_shared() {
+            return;
+        }
+        if let Some(mut inbound) = self.bus.inbound() {
+            let me = Arc::downgrade(self);
+            tokio::spawn(async move {
+                while let Some(event) = inbound.recv().await {
+                    let Some(chat) = me.upgrade() else { return };
+                    chat.receive(event);
+                }
+            });
+        }
+        let me = Arc::downgrade(self);
+        let heartbeat = self.heartbeat;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(heartbeat);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(chat) = me.upgrade() else { return };
+                chat.refresh().await;
+            }
+        });
+    }
+
+    /// The bus this service publishes on.
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
     }
 
     /// The chat settings.
@@ -315,6 +410,16 @@ impl Chat {
         conversation_id: &str,
     ) -> Result<(), ChatError> {
         self.check_owner(owner, conversation_id).await?;
+        let opened = lock(&self.rooms)
+            .get(conversation_id)
+            .is_some_and(|room| room.opened);
+        // Receive the room's events from other instances before reading
+        // who is there, so no join falls in between.
+        let remote = if self.bus.is_shared() && !opened {
+            Some(self.bus.open_room(conversation_id).await)
+        } else {
+            None
+        };
         {
             let mut subscriptions = lock(&self.subscriptions);
             let mine = subscriptions.entry(id).or_default();
@@ -327,27 +432,43 @@ impl Chat {
         }
         let mut rooms = lock(&self.rooms);
         let room = rooms.entry(conversation_id.to_owned()).or_default();
+        if let Some(remote) = remote
+            && !room.opened
+        {
+            room.opened = true;
+            room.remote = remote
+                .into_iter()
+                .map(|(key, user_id)| (key, Remote { user_id, missed: 0 }))
+                .collect();
+        }
         let rejoined = room.members.contains_key(&id);
+        // A dropped connection of this user still present within its grace
+        // is taken over: no leave, no join, the same presence identity.
+        let ghost = if rejoined {
+            None
+        } else {
+            room.members
+                .iter()
+                .find(|(_, m)| m.outbox.is_none() && m.user_id == owner.user_id)
+                .map(|(ghost, _)| *ghost)
+        };
+        let presence_id = match ghost.and_then(|ghost| room.members.remove(&ghost)) {
+            Some(ghost) => ghost.presence_id,
+            None => room.members.get(&id).map_or(id, |m| m.presence_id),
+        };
         room.members.insert(
             id,
             Member {
                 user_id: owner.user_id.clone(),
-                outbox: Arc::clone(outbox),
+                outbox: Some(Arc::clone(outbox)),
+                presence_id,
             },
         );
-        let mut users: Vec<String> = room
-            .members
-            .values()
-            .map(|m| m.user_id.clone())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        users.sort();
-        let devices = room.members.len();
+        let devices = room.devices();
         outbox.push(ServerFrame::Presence {
             conversation_id: conversation_id.to_owned(),
             event: "snapshot".into(),
-            users,
+            users: room.users(),
             devices,
         });
         // Replies already running here stream to the newcomer too.
@@ -360,7 +481,7 @@ impl Chat {
         }
         // Every device's arrival is news to the others (a user's laptop
         // learns that their phone opened the conversation).
-        if !rejoined {
+        if !rejoined && ghost.is_none() {
             publish(
                 room,
                 Some(id),
@@ -369,6 +490,13 @@ impl Chat {
                     event: "join".into(),
                     users: vec![owner.user_id.clone()],
                     devices,
+                },
+            );
+            self.bus.publish(
+                conversation_id,
+                RoomEvent::Join {
+                    connection: presence_id,
+                    user_id: owner.user_id.clone(),
                 },
             );
         }
@@ -383,12 +511,49 @@ impl Chat {
         self.leave(id, conversation_id);
     }
 
-    /// Removes connection `id` from every room.
+    /// Removes connection `id` from every room. Its presence stays for the
+    /// presence grace, so a reconnect within it makes no leave/join
+    /// flicker.
     pub fn disconnect(&self, id: ConnectionId) {
         let conversations = lock(&self.subscriptions).remove(&id).unwrap_or_default();
-        for conversation_id in conversations {
-            self.leave(id, &conversation_id);
+        if self.presence_grace.is_zero() {
+            for conversation_id in conversations {
+                self.leave(id, &conversation_id);
+            }
+            return;
         }
+        {
+            let mut rooms = lock(&self.rooms);
+            for conversation_id in &conversations {
+                if let Some(member) = rooms
+                    .get_mut(conversation_id)
+                    .and_then(|room| room.members.get_mut(&id))
+                {
+                    member.outbox = None;
+                }
+            }
+        }
+        let Some(me) = self.me.get().cloned() else {
+            for conversation_id in conversations {
+                self.leave(id, &conversation_id);
+            }
+            return;
+        };
+        let grace = self.presence_grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let Some(chat) = me.upgrade() else { return };
+            for conversation_id in conversations {
+                // Unless a reconnect took its place.
+                let ghost = lock(&chat.rooms)
+                    .get(&conversation_id)
+                    .and_then(|room| room.members.get(&id))
+                    .is_some_and(|m| m.outbox.is_none());
+                if ghost {
+                    chat.leave(id, &conversation_id);
+                }
+            }
+        });
     }
 
     fn leave(&self, id: ConnectionId, conversation_id: &str) {
@@ -399,25 +564,212 @@ impl Chat {
         let Some(member) = room.members.remove(&id) else {
             return;
         };
-        let devices = room.members.len();
+        let devices = room.devices();
         publish(
             room,
             None,
             &ServerFrame::Presence {
                 conversation_id: conversation_id.to_owned(),
                 event: "leave".into(),
-                users: vec![member.user_id],
+                users: vec![member.user_id.clone()],
                 devices,
             },
         );
-        prune(&mut rooms);
+        self.bus.publish(
+            conversation_id,
+            RoomEvent::Leave {
+                connection: member.presence_id,
+                user_id: member.user_id,
+            },
+        );
+        self.prune(&mut rooms);
+    }
+
+    /// Forgets rooms nobody is in and nothing is running in (their history
+    /// reloads from the store when someone comes back), and stops
+    /// receiving their events. Called as members leave and as sends
+    /// start, so the map stays bounded by what is live.
+    fn prune(&self, rooms: &mut HashMap<String, Room>) {
+        rooms.retain(|conversation_id, room| {
+            let keep =
+                !room.members.is_empty() || room.replies.iter().any(|g| g.outcome().is_none());
+            if !keep && room.opened {
+                self.bus.close_room(conversation_id);
+            }
+            keep
+        });
     }
 
     /// Rooms held now (for tests and metrics).
     pub fn rooms(&self) -> usize {
         let mut rooms = lock(&self.rooms);
-        prune(&mut rooms);
+        self.prune(&mut rooms);
         rooms.len()
+    }
+
+    /// Handles an event from another instance.
+    fn receive(&self, inbound: Inbound) {
+        let (instance, conversation_id, event) = match inbound {
+            Inbound::Cancel { generation_id } => {
+                if let Some(generation) = self.generations.get(generation_id) {
+                    generation.cancel(CancelReason::Requested);
+                }
+                return;
+            }
+            Inbound::Room {
+                instance,
+                conversation_id,
+                event,
+            } => (instance, conversation_id, event),
+        };
+        if event == RoomEvent::Forget {
+            self.forget_conversation_here(&conversation_id);
+            return;
+        }
+        let mut rooms = lock(&self.rooms);
+        let Some(room) = rooms.get_mut(&conversation_id) else {
+            return;
+        };
+        let frame = match event {
+            RoomEvent::Message { message } => {
+                // The conversation moved on elsewhere: reload the context
+                // from the store at the next send here.
+                room.history = None;
+                ServerFrame::Message {
+                    conversation_id,
+                    message,
+                }
+            }
+            RoomEvent::Typing { user_id, typing } => ServerFrame::Typing {
+                conversation_id,
+                user_id,
+                typing,
+            },
+            RoomEvent::Reply {
+                generation_id,
+                epoch,
+            } => ServerFrame::Reply {
+                conversation_id,
+                generation_id,
+                epoch,
+            },
+            RoomEvent::Join {
+                connection,
+                user_id,
+            } => {
+                let key = MemberKey {
+                    instance,
+                    connection,
+                };
+                let known = room
+                    .remote
+                    .insert(
+                        key,
+                        Remote {
+                            user_id: user_id.clone(),
+                            missed: 0,
+                        },
+                    )
+                    .is_some();
+                if known {
+                    return;
+                }
+                ServerFrame::Presence {
+                    conversation_id,
+                    event: "join".into(),
+                    users: vec![user_id],
+                    devices: room.devices(),
+                }
+            }
+            RoomEvent::Leave {
+                connection,
+                user_id,
+            } => {
+                let key = MemberKey {
+                    instance,
+                    connection,
+                };
+                if room.remote.remove(&key).is_none() {
+                    return;
+                }
+                ServerFrame::Presence {
+                    conversation_id,
+                    event: "leave".into(),
+                    users: vec![user_id],
+                    devices: room.devices(),
+                }
+            }
+            RoomEvent::Forget => return,
+        };
+        publish(room, None, &frame);
+    }
+
+    /// The presence heartbeat: writes this instance's members, reads the
+    /// other instances', and announces the differences (members of a dead
+    /// instance leave; joins and leaves missed on the bus are caught up).
+    async fn refresh(&self) {
+        let local: Vec<(String, Vec<(u64, String)>)> = lock(&self.rooms)
+            .iter()
+            .filter(|(_, room)| room.opened)
+            .map(|(id, room)| {
+                let members = room
+                    .members
+                    .values()
+                    .map(|m| (m.presence_id, m.user_id.clone()))
+                    .collect();
+                (id.clone(), members)
+            })
+            .collect();
+        let Some(Refreshed { live, rooms: seen }) = self.bus.refresh(&local).await else {
+            return;
+        };
+        let mut rooms = lock(&self.rooms);
+        for (conversation_id, now) in seen {
+            let Some(room) = rooms.get_mut(&conversation_id) else {
+                continue;
+            };
+            let mut changes: Vec<(&'static str, String)> = Vec::new();
+            for (key, user_id) in &now {
+                if let Some(remote) = room.remote.get_mut(key) {
+                    remote.missed = 0;
+                } else {
+                    room.remote.insert(
+                        key.clone(),
+                        Remote {
+                            user_id: user_id.clone(),
+                            missed: 0,
+                        },
+                    );
+                    changes.push(("join", user_id.clone()));
+                }
+            }
+            // A member not listed twice in a row (its join may not have
+            // been written yet the first time), or of a dead instance, left.
+            let mut gone = Vec::new();
+            for (key, remote) in &mut room.remote {
+                if now.contains_key(key) {
+                    continue;
+                }
+                remote.missed = remote.missed.saturating_add(1);
+                if remote.missed >= 2 || !live.contains(&key.instance) {
+                    gone.push(key.clone());
+                }
+            }
+            for key in gone {
+                if let Some(remote) = room.remote.remove(&key) {
+                    changes.push(("leave", remote.user_id));
+                }
+            }
+            for (event, user_id) in changes {
+                let frame = ServerFrame::Presence {
+                    conversation_id: conversation_id.clone(),
+                    event: event.into(),
+                    users: vec![user_id],
+                    devices: room.devices(),
+                };
+                publish(room, None, &frame);
+            }
+        }
     }
 
     /// Whether connection `id` is subscribed to the conversation.
@@ -449,6 +801,13 @@ impl Chat {
                 },
             );
         }
+        self.bus.publish(
+            conversation_id,
+            RoomEvent::Typing {
+                user_id: owner.user_id.clone(),
+                typing,
+            },
+        );
         Ok(())
     }
 
@@ -522,6 +881,35 @@ impl Chat {
             chat: self,
             key: key.clone(),
         };
+        // The same across instances: a resend that lands on another one
+        // (after a reconnect) is answered from what the first one recorded.
+        let claim_id = client_message_id.clone();
+        let mut claim = Claimed {
+            bus: self.bus.as_ref(),
+            conversation_id,
+            client_message_id: &claim_id,
+            held: false,
+        };
+        match self
+            .bus
+            .claim_send(conversation_id, &client_message_id)
+            .await
+        {
+            Claim::Fresh => claim.held = self.bus.is_shared(),
+            Claim::InProgress => return Err(ChatError::InProgress),
+            Claim::Sent {
+                message_id,
+                generation_id,
+            } => {
+                return Ok(ServerFrame::Ack {
+                    client_message_id: client_message_id.clone(),
+                    message_id,
+                    conversation_id: conversation_id.to_owned(),
+                    generation_id,
+                    epoch,
+                });
+            }
+        }
         let slot = self.reserve(owner)?;
         let history = self.history(owner, conversation_id).await?;
 
@@ -584,10 +972,19 @@ impl Chat {
             .start(&self.routes, route, request, options)
             .map_err(|err| ChatError::Unavailable(err.to_string()))?;
         let generation = Arc::clone(subscriber.generation());
+        // Other instances resume it from the mirror.
+        self.bus.mirror(&generation);
         // Members attach their own cursors when they see `reply`.
         drop(subscriber);
         let generation_id = generation.id().to_string();
         slot.fill(&generation);
+        claim.held = false;
+        self.bus.record_send(
+            conversation_id,
+            &client_message_id,
+            &message.id,
+            &generation_id,
+        );
 
         {
             let mut memory = lock(&self.sent);
@@ -604,8 +1001,9 @@ impl Chat {
                 }
             }
         }
+        let message_json = crate::http::conversations::message_json(&message);
         let mut rooms = lock(&self.rooms);
-        prune(&mut rooms);
+        self.prune(&mut rooms);
         let room = rooms.entry(conversation_id.to_owned()).or_default();
         if let Some(history) = &mut room.history {
             history.push((Role::User, content));
@@ -616,7 +1014,7 @@ impl Chat {
             connection.map(|(id, _)| id),
             &ServerFrame::Message {
                 conversation_id: conversation_id.to_owned(),
-                message: crate::http::conversations::message_json(&message),
+                message: message_json.clone(),
             },
         );
         publish(
@@ -624,6 +1022,20 @@ impl Chat {
             None,
             &ServerFrame::Reply {
                 conversation_id: conversation_id.to_owned(),
+                generation_id: generation_id.clone(),
+                epoch,
+            },
+        );
+        drop(rooms);
+        self.bus.publish(
+            conversation_id,
+            RoomEvent::Message {
+                message: message_json,
+            },
+        );
+        self.bus.publish(
+            conversation_id,
+            RoomEvent::Reply {
                 generation_id: generation_id.clone(),
                 epoch,
             },
@@ -683,18 +1095,29 @@ impl Chat {
         })
     }
 
-    /// Forgets everything live about a deleted conversation: its room (and
-    /// the history cached there), its running replies (cancelled) and the
-    /// sends remembered for it. Members are told and unsubscribed.
+    /// Forgets everything live about a deleted conversation, on every
+    /// instance: its room (and the history cached there), its running
+    /// replies (cancelled) and the sends remembered for it. Members are
+    /// told and unsubscribed.
     pub fn forget_conversation(&self, conversation_id: &str) {
+        self.forget_conversation_here(conversation_id);
+        self.bus.publish(conversation_id, RoomEvent::Forget);
+    }
+
+    fn forget_conversation_here(&self, conversation_id: &str) {
         let room = lock(&self.rooms).remove(conversation_id);
         if let Some(room) = room {
+            if room.opened {
+                self.bus.close_room(conversation_id);
+            }
             for generation in &room.replies {
                 generation.cancel(CancelReason::Requested);
             }
             let gone = ChatError::NotFound.frame(None);
             for (id, member) in &room.members {
-                member.outbox.push(gone.clone());
+                if let Some(outbox) = &member.outbox {
+                    outbox.push(gone.clone());
+                }
                 if let Some(mine) = lock(&self.subscriptions).get_mut(id) {
                     mine.remove(conversation_id);
                 }
@@ -822,25 +1245,87 @@ impl Chat {
 }
 
 impl Chat {
-    /// Whether `owner` may resume generation `id` at (`epoch`, `offset`);
-    /// the error says why the client must reload from history instead.
-    pub fn resumable(
+    /// The generation `id` if it answers one of `owner`'s conversations:
+    /// held here, or produced on another instance and followed here.
+    pub async fn find_generation(&self, owner: &Owner, id: &str) -> Option<Arc<Generation>> {
+        if let Some(generation) = self.generation_of(owner, id) {
+            return Some(generation);
+        }
+        let uuid = uuid::Uuid::parse_str(id).ok()?;
+        let generation = match self.bus.follow(uuid).await {
+            Ok(found) => found?,
+            Err(err) => {
+                tracing::warn!(generation = id, %err, "cannot follow a reply from another instance");
+                return None;
+            }
+        };
+        let to = generation.persisted_to()?;
+        (to.owner == *owner).then_some(generation)
+    }
+
+    /// The generation `owner` may resume at (`epoch`, `offset`); the error
+    /// says why the client must reload from history instead. A reply
+    /// followed from another instance may lag what the client saw there:
+    /// the resume waits (a little) for it to catch up, never replaying
+    /// from an earlier offset.
+    pub async fn resume_target(
         &self,
         owner: &Owner,
         id: &str,
         epoch: u64,
         offset: u64,
-    ) -> Result<(), &'static str> {
+    ) -> Result<Arc<Generation>, &'static str> {
         let generation = self
-            .generation_of(owner, id)
+            .find_generation(owner, id)
+            .await
             .ok_or("the reply is no longer held: reload the conversation from history")?;
         if epoch != generation.epoch() {
             return Err("unknown epoch: reload the conversation from history");
         }
         if offset > generation.len() {
-            return Err("offset beyond the reply: reload the conversation from history");
+            let reached = generation.origin().is_some()
+                && tokio::time::timeout(self.catch_up_wait, generation.reached(offset))
+                    .await
+                    .unwrap_or(false);
+            if !reached {
+                return Err("offset beyond the reply: reload the conversation from history");
+            }
         }
-        Ok(())
+        Ok(generation)
+    }
+
+    /// Cancels `owner`'s generation `id` wherever it runs; false when there
+    /// is no such generation.
+    pub async fn cancel(&self, owner: &Owner, id: &str) -> bool {
+        let Some(generation) = self.find_generation(owner, id).await else {
+            return false;
+        };
+        if generation.origin().is_some() {
+            // The producer cancels it; the replica ends when its end
+            // arrives through the stream.
+            self.bus.cancel_remote(&generation);
+        } else {
+            generation.cancel(CancelReason::Requested);
+        }
+        true
+    }
+}
+
+/// A send claimed across instances; released unless the send got as far as
+/// starting its reply.
+struct Claimed<'a> {
+    bus: &'a dyn Bus,
+    conversation_id: &'a str,
+    client_message_id: &'a str,
+    held: bool,
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            self.bus
+                .release_send(self.conversation_id, self.client_message_id);
+        }
     }
 }
 
@@ -992,22 +1477,13 @@ fn extend_to(frame: &mut ServerFrame, end: u64) {
     }
 }
 
-/// Forgets rooms nobody is in and nothing is running in (their history
-/// reloads from the store when someone comes back). Called as members
-/// leave and as sends start, so rooms left while a reply ran (or used only
-/// over SSE) are forgotten once it ends: the map stays bounded by what is
-/// live.
-fn prune(rooms: &mut HashMap<String, Room>) {
-    rooms.retain(|_, room| {
-        !room.members.is_empty() || room.replies.iter().any(|g| g.outcome().is_none())
-    });
-}
-
-/// Pushes `frame` to every member of `room` except `except`.
+/// Pushes `frame` to every connected member of `room` except `except`.
 fn publish(room: &Room, except: Option<ConnectionId>, frame: &ServerFrame) {
     for (id, member) in &room.members {
-        if Some(*id) != except {
-            member.outbox.push(frame.clone());
+        if Some(*id) != except
+            && let Some(outbox) = &member.outbox
+        {
+            outbox.push(frame.clone());
         }
     }
 }

@@ -165,6 +165,33 @@ impl Log {
         self.lock().events.len() as u64
     }
 
+    /// Raw events from `cursor` on: at most `max_events`, and no more than
+    /// about `max_bytes` of payload (always at least one event when there
+    /// is one).
+    pub(crate) fn raw(
+        &self,
+        cursor: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Vec<ProviderEvent> {
+        let state = self.lock();
+        let start = usize::try_from(cursor).unwrap_or(usize::MAX);
+        let Some(pending) = state.events.get(start..) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for event in pending.iter().take(max_events) {
+            let size = payload_bytes(event);
+            if !out.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            out.push(event.clone());
+        }
+        out
+    }
+
     /// Everything past `cursor`, coalesced, up to about `max_frame_bytes`
     /// of payload; `None` when nothing is past the cursor.
     pub(crate) fn read(&self, cursor: u64, max_frame_bytes: usize) -> Option<Vec<Frame>> {

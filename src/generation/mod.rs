@@ -58,6 +58,12 @@ pub fn epoch() -> u64 {
 #[derive(Debug)]
 pub struct Generation {
     id: GenerationId,
+    /// The epoch of the log: this process's, or for a replica, that of the
+    /// instance producing it.
+    epoch: u64,
+    /// For a replica of a reply produced on another instance: that
+    /// instance's node id.
+    origin: Option<String>,
     /// Unix seconds at creation (OpenAI's `created`).
     created: u64,
     /// The model name the client asked for.
@@ -105,7 +111,13 @@ impl Generation {
 
     /// The epoch of this generation's log.
     pub fn epoch(&self) -> u64 {
-        epoch()
+        self.epoch
+    }
+
+    /// For a replica (a reply produced on another instance and followed
+    /// here through the cluster), the producing instance's node id.
+    pub fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
     }
 
     /// The conversation owner and conversation it answers, if it is stored.
@@ -475,6 +487,8 @@ impl Generation {
     ) {
         let generation = Arc::new(Self {
             id: Uuid::now_v7(),
+            epoch: epoch(),
+            origin: None,
             created: unix_now(),
             model: spec.model,
             served: Mutex::new(None),
@@ -492,6 +506,101 @@ impl Generation {
         let subscriber = generation.subscribe(0);
         let driver = Arc::clone(&generation).drive(spec.dispatch);
         (generation, subscriber, driver)
+    }
+}
+
+/// What a replica is built from: the producing instance's description of
+/// the reply.
+#[derive(Debug, Clone)]
+pub struct ReplicaSpec {
+    /// The generation's id (the same on every instance).
+    pub id: GenerationId,
+    /// The producing instance's epoch.
+    pub epoch: u64,
+    /// The producing instance's node id.
+    pub origin: String,
+    /// The model name the client asked for.
+    pub model: String,
+    /// Whose reply it is and which conversation it answers.
+    pub persist_to: PersistTo,
+    /// Unix seconds at creation.
+    pub created: u64,
+}
+
+impl Generation {
+    /// A replica of a reply produced on another instance: its log is filled
+    /// by the cluster's follower ([`Generation::replicate`],
+    /// [`Generation::end_replica`]) instead of an upstream, and subscribers
+    /// read it exactly like a local one. Bounded like a local log.
+    pub fn replica(spec: ReplicaSpec, max_frame_bytes: usize, max_reply_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            id: spec.id,
+            epoch: spec.epoch,
+            origin: Some(spec.origin),
+            created: spec.created,
+            model: spec.model,
+            served: Mutex::new(None),
+            ledger: Arc::new(Ledger::default()),
+            pricing: Arc::new(crate::usage::Pricing::default()),
+            usage: OnceLock::new(),
+            persist: None,
+            persist_to: Some(spec.persist_to),
+            log: Log::new(max_reply_bytes),
+            max_frame_bytes,
+            subscribers: watch::Sender::new(0),
+            grace: Duration::ZERO,
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    /// Appends an event to a replica's log (the producer accepted long
+    /// ago); false when the log has ended.
+    pub fn replicate(&self, event: ProviderEvent) -> bool {
+        self.log.mark_accepted();
+        matches!(self.log.append(event), Appended::Yes)
+    }
+
+    /// Ends a replica's log with the producer's outcome.
+    pub fn end_replica(&self, outcome: Outcome) {
+        self.log.mark_accepted();
+        self.log.end(outcome);
+    }
+
+    /// Raw events from `cursor` on (at most `max_events`, about `max_bytes`
+    /// of payload), for mirroring the log elsewhere.
+    pub fn events_from(
+        &self,
+        cursor: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Vec<ProviderEvent> {
+        self.log.raw(cursor, max_events, max_bytes)
+    }
+
+    /// Waits until the log holds more than `cursor` events or has ended.
+    /// Does not count as a subscriber.
+    pub async fn changed_past(&self, cursor: u64) {
+        let mut progress = self.log.subscribe();
+        // The sender lives as long as `self`.
+        drop(progress.wait_for(|p| p.len > cursor || p.ended).await);
+    }
+
+    /// Waits until the log holds at least `len` events or has ended; true
+    /// when it holds them.
+    pub async fn reached(&self, len: u64) -> bool {
+        let mut progress = self.log.subscribe();
+        drop(progress.wait_for(|p| p.len >= len || p.ended).await);
+        self.len() >= len
+    }
+
+    /// Subscribers reading now.
+    pub fn subscriber_count(&self) -> usize {
+        *self.subscribers.borrow()
+    }
+
+    /// Waits until nobody has read the log for `grace`.
+    pub async fn unwatched_for(&self, grace: Duration) {
+        abandoned(self.subscribers.subscribe(), grace).await;
     }
 }
 

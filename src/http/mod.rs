@@ -57,7 +57,9 @@ pub struct Gateway {
     /// The persister's tasks, taken at shutdown to flush.
     running: Mutex<Option<Running>>,
     /// Conversations live: rooms, presence, sends.
-    pub chat: crate::chat::Chat,
+    pub chat: Arc<crate::chat::Chat>,
+    /// Other instances (Redis), or none (the in-process bus).
+    pub bus: Arc<dyn crate::cluster::Bus>,
     /// Live WebSocket connections.
     pub connections: ws::Connections,
 }
@@ -99,13 +101,16 @@ impl Gateway {
             (None, None, None)
         };
         let generations = Arc::new(registry);
-        let chat = crate::chat::Chat::new(
+        let bus = crate::cluster::open(&config);
+        let chat = Arc::new(crate::chat::Chat::new(
             &config,
             store.clone(),
             persister.clone(),
             Arc::clone(&generations),
             Arc::clone(&routes),
-        );
+            Arc::clone(&bus),
+        ));
+        chat.start();
         Ok(Arc::new(Self {
             config,
             routes,
@@ -114,6 +119,7 @@ impl Gateway {
             persister,
             running: Mutex::new(running),
             chat,
+            bus,
             connections: ws::Connections::default(),
         }))
     }
@@ -149,6 +155,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/", get(assets::index))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route(
@@ -197,7 +204,8 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send 
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let models: Vec<&str> = gateway.routes.models().collect();
-    tracing::info!(%local, ?models, "spillway listening on http://{local}");
+    let node = gateway.bus.node().to_owned();
+    tracing::info!(%local, ?models, %node, "spillway listening on http://{local}");
     serve(listener, gateway, crate::shutdown::signal()).await?;
     Ok(())
 }
@@ -243,11 +251,58 @@ pub async fn serve(
     // Generations have handed over their replies: flush them to the
     // database (what does not make it stays journaled).
     flushed.flush_persister().await;
+    // Others see this instance gone at once, not after its heartbeat lapses.
+    flushed.bus.leave().await;
     Ok(())
 }
 
-async fn healthz() -> impl IntoResponse {
-    axum::Json(serde_json::json!({ "status": "ok" }))
+async fn healthz(
+    axum::extract::State(gateway): axum::extract::State<Arc<Gateway>>,
+) -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok", "node": gateway.bus.node() }))
+}
+
+/// `GET /readyz`: whether this instance should get traffic, with each
+/// check: the database answers (when persistence is on) and, with Redis
+/// configured, the bus is connected (unless `cluster.ready_requires_redis`
+/// is off, when a Redis fault is reported but does not make it unready).
+async fn readyz(axum::extract::State(gateway): axum::extract::State<Arc<Gateway>>) -> Response {
+    let store = match &gateway.store {
+        Some(store) => {
+            let probe = tokio::time::timeout(Duration::from_secs(2), store.ping()).await;
+            match probe {
+                Ok(Ok(())) => serde_json::json!({ "ok": true }),
+                Ok(Err(err)) => serde_json::json!({ "ok": false, "error": err.to_string() }),
+                Err(_) => serde_json::json!({ "ok": false, "error": "timed out" }),
+            }
+        }
+        None => serde_json::json!({ "ok": true, "enabled": false }),
+    };
+    let health = gateway.bus.health();
+    let shared = health.mode == "redis";
+    let redis = serde_json::json!({
+        "configured": shared,
+        "ok": health.ok,
+        "instances": health.instances,
+        "followers": health.followers,
+        "dropped_inbound": health.dropped_inbound,
+        "dropped_outbound": health.dropped_outbound,
+        "recovered": health.recovered,
+    });
+    let store_ok = store["ok"].as_bool().unwrap_or(false);
+    let redis_ok = !shared || health.ok || !gateway.config.cluster.ready_requires_redis;
+    let ready = store_ok && redis_ok;
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "unready" },
+        "node": health.node,
+        "checks": { "store": store, "redis": redis },
+    });
+    let status = if ready {
+        http::StatusCode::OK
+    } else {
+        http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
 }
 
 async fn no_route(RequestId(id): RequestId, OriginalUri(uri): OriginalUri) -> Response {

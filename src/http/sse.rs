@@ -266,7 +266,7 @@ pub async fn events(
     query: Result<Query<SseQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let result = (|| {
+    let result = async {
         let query = self::query(query)?;
         let owner = owner(&headers, &query)?;
         // A header that is not visible ASCII is malformed (400), not
@@ -295,25 +295,29 @@ pub async fn events(
             }
             None => (query.epoch, query.from.unwrap_or(0)),
         };
-        let Some(generation) = gateway.chat.generation_of(&owner, &generation_id) else {
+        let Some(generation) = gateway.chat.find_generation(&owner, &generation_id).await else {
             // Nothing to resume: 204 makes EventSource stop reconnecting.
             return Ok(StatusCode::NO_CONTENT.into_response());
         };
         let epoch = epoch.unwrap_or_else(|| generation.epoch());
-        if let Err(message) = gateway
+        let generation = match gateway
             .chat
-            .resumable(&owner, &generation_id, epoch, offset)
+            .resume_target(&owner, &generation_id, epoch, offset)
+            .await
         {
-            let frame = ServerFrame::Error {
-                code: "reload_from_history".into(),
-                message: message.into(),
-                retryable: false,
-                generation_id: Some(generation_id.clone()),
-                client_message_id: None,
-            };
-            let body = futures_util::stream::iter([Ok(Bytes::from(event(&frame, None)))]);
-            return Ok(sse_response(body));
-        }
+            Ok(generation) => generation,
+            Err(message) => {
+                let frame = ServerFrame::Error {
+                    code: "reload_from_history".into(),
+                    message: message.into(),
+                    retryable: false,
+                    generation_id: Some(generation_id.clone()),
+                    client_message_id: None,
+                };
+                let body = futures_util::stream::iter([Ok(Bytes::from(event(&frame, None)))]);
+                return Ok(sse_response(body));
+            }
+        };
         if generation.outcome().is_some() && offset >= generation.len() {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
@@ -324,7 +328,8 @@ pub async fn events(
             Vec::new(),
             heartbeat,
         )))
-    })();
+    }
+    .await;
     result.unwrap_or_else(|err: ApiError| err.with_request_id(&request_id).into_response())
 }
 
@@ -336,20 +341,16 @@ pub async fn cancel(
     query: Result<Query<SseQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let result = (|| {
+    let result = async {
         let query = self::query(query)?;
         let owner = owner(&headers, &query)?;
-        let generation = gateway
-            .chat
-            .generation_of(&owner, &generation_id)
-            .ok_or_else(|| {
-                let mut err =
-                    ApiError::invalid_request("generation_not_found", "No such generation");
-                err.status = StatusCode::NOT_FOUND;
-                err
-            })?;
-        generation.cancel(crate::generation::CancelReason::Requested);
+        if !gateway.chat.cancel(&owner, &generation_id).await {
+            let mut err = ApiError::invalid_request("generation_not_found", "No such generation");
+            err.status = StatusCode::NOT_FOUND;
+            return Err(err);
+        }
         Ok(StatusCode::ACCEPTED.into_response())
-    })();
+    }
+    .await;
     result.unwrap_or_else(|err: ApiError| err.with_request_id(&request_id).into_response())
 }

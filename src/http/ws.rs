@@ -251,8 +251,14 @@ async fn run(gateway: Arc<Gateway>, owner: Owner, socket: WebSocket) {
                     // A reply this connection already streams (it resumed
                     // it first) is not announced again: `reply` means "from
                     // offset 0", which would make the client drop text.
-                    ServerFrame::Reply { generation_id, .. }
-                        if !connection.attach(generation_id, 0) => Vec::new(),
+                    ServerFrame::Reply { generation_id, .. } => {
+                        let generation_id = generation_id.clone();
+                        if connection.attach(&generation_id, 0).await {
+                            vec![frame]
+                        } else {
+                            Vec::new()
+                        }
+                    }
                     _ => vec![frame],
                 },
             },
@@ -365,26 +371,27 @@ impl Connection {
                 }
             }
             ClientFrame::Cancel { generation_id } => {
-                match chat.generation_of(&self.owner, &generation_id) {
-                    Some(generation) => {
-                        generation.cancel(crate::generation::CancelReason::Requested);
-                        Vec::new()
-                    }
-                    None => vec![generation_error(
+                if chat.cancel(&self.owner, &generation_id).await {
+                    Vec::new()
+                } else {
+                    vec![generation_error(
                         "generation_not_found",
                         "no such generation",
                         &generation_id,
-                    )],
+                    )]
                 }
             }
             ClientFrame::Resume {
                 generation_id,
                 epoch,
                 offset,
-            } => match chat.resumable(&self.owner, &generation_id, epoch, offset) {
-                Ok(()) => {
+            } => match chat
+                .resume_target(&self.owner, &generation_id, epoch, offset)
+                .await
+            {
+                Ok(generation) => {
                     // Already streamed here (from a `reply`): nothing to do.
-                    self.attach(&generation_id, offset);
+                    self.stream(generation, offset);
                     Vec::new()
                 }
                 Err(message) => vec![generation_error(
@@ -417,19 +424,28 @@ impl Connection {
         }
     }
 
-    /// Starts streaming generation `id` from `offset` through a new cursor;
-    /// false when this connection streams it already.
-    fn attach(&mut self, id: &str, offset: u64) -> bool {
+    /// Starts streaming generation `id` (held here or followed from
+    /// another instance) from `offset` through a new cursor; false when
+    /// this connection streams it already.
+    async fn attach(&mut self, id: &str, offset: u64) -> bool {
         let Ok(uuid) = uuid::Uuid::parse_str(id) else {
             return true;
         };
         if self.streaming.contains(&uuid) {
             return false;
         }
-        let Some(generation) = self.gateway.chat.generation_of(&self.owner, id) else {
+        let Some(generation) = self.gateway.chat.find_generation(&self.owner, id).await else {
             return true;
         };
-        self.streaming.insert(uuid);
+        self.stream(generation, offset)
+    }
+
+    /// Streams `generation` from `offset` unless this connection streams
+    /// it already; false when it does.
+    fn stream(&mut self, generation: Arc<Generation>, offset: u64) -> bool {
+        if !self.streaming.insert(generation.id()) {
+            return false;
+        }
         self.streams
             .push(crate::chat::reads(generation.subscribe(offset)));
         true

@@ -159,6 +159,14 @@ pub enum ErrorClass {
     Protocol,
     /// The reply outgrew the gateway's bound on a reply's size.
     ReplyTooLarge,
+    /// Not from a provider: the instance producing the reply stopped
+    /// (crashed or was killed) before it ended; what it produced is in the
+    /// conversation's history as far as it was stored.
+    Interrupted,
+    /// Not from a provider: a reply followed from another instance cannot
+    /// be continued without a gap (its log expired or lost entries); the
+    /// client must reload the conversation from history.
+    Gap,
 }
 
 impl ErrorClass {
@@ -175,6 +183,8 @@ impl ErrorClass {
             Self::ContentPolicy => "content_policy_violation",
             Self::Protocol => "upstream_protocol_error",
             Self::ReplyTooLarge => "reply_too_large",
+            Self::Interrupted => "interrupted",
+            Self::Gap => "reload_from_history",
         }
     }
 
@@ -184,6 +194,27 @@ impl ErrorClass {
             self,
             Self::Connect | Self::Timeout | Self::RateLimited | Self::Unavailable | Self::Protocol
         )
+    }
+
+    /// Every class, for decoding a code.
+    pub const ALL: [Self; 12] = [
+        Self::Connect,
+        Self::Timeout,
+        Self::RateLimited,
+        Self::Unavailable,
+        Self::Auth,
+        Self::InvalidRequest,
+        Self::ContextLength,
+        Self::ContentPolicy,
+        Self::Protocol,
+        Self::ReplyTooLarge,
+        Self::Interrupted,
+        Self::Gap,
+    ];
+
+    /// The class whose [`code`](Self::code) is `code`.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|class| class.code() == code)
     }
 
     /// Classifies an upstream HTTP status.

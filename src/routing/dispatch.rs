@@ -227,7 +227,7 @@ fn resolve(permit: Permit, class: ErrorClass) {
         ErrorClass::InvalidRequest | ErrorClass::ContextLength | ErrorClass::ContentPolicy => {
             permit.success();
         }
-        ErrorClass::ReplyTooLarge => permit.cancel(),
+        ErrorClass::ReplyTooLarge | ErrorClass::Interrupted | ErrorClass::Gap => permit.cancel(),
     }
 }
 
