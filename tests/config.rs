@@ -37,6 +37,7 @@ fn the_example_file_is_valid_and_matches_the_defaults() {
     assert_eq!(example.routing, defaults.routing);
     assert_eq!(example.breaker, defaults.breaker);
     assert_eq!(example.store, defaults.store);
+    assert_eq!(example.cluster, defaults.cluster);
     assert_eq!(example.chat, defaults.chat);
     assert_eq!(example.providers[0], defaults.providers[0]);
     assert_eq!(example.models.len(), 4);

@@ -687,7 +687,14 @@ impl Bus for RedisBus {
                 .arg("+inf")
                 .arg("BYSCORE");
             let mut replies: Vec<Vec<String>> = shared.run(pipe.query_async(&mut conn)).await?;
-            let live: HashSet<String> = replies.pop().unwrap_or_default().into_iter().collect();
+            let mut live: HashSet<String> = replies.pop().unwrap_or_default().into_iter().collect();
+            // Just after Redis came back (possibly empty), the others have
+            // not rewritten their heartbeats yet: keep trusting the
+            // instances seen before, for three heartbeats.
+            let up_since = shared.up_since.load(Ordering::Relaxed);
+            if now.saturating_sub(up_since) < ttl_ms {
+                live.extend(lock(&shared.live).iter().cloned());
+            }
             *lock(&shared.live) = live.clone();
             let mut rooms = HashMap::new();
             for ((conversation_id, _), members) in local.iter().zip(replies) {
