@@ -158,6 +158,10 @@ enum Outgoing {
         ttl_secs: u64,
     },
     Delete(String),
+    /// A reply's meta hash, written before the reply is announced (the
+    /// announcement follows in the same queue), so an instance that hears
+    /// of the reply always finds it.
+    Announce(Arc<Generation>),
 }
 
 /// A follower's inbox.
@@ -464,6 +468,11 @@ async fn publisher(shared: Arc<Shared>, mut outgoing: mpsc::Receiver<Outgoing>) 
                     shared.run(pipe.query_async::<()>(&mut conn)).await;
                 }
             }
+            Outgoing::Announce(generation) => {
+                if shared.is_up() {
+                    append(&shared, &mut conn, &generation, 0, &[], None).await;
+                }
+            }
             Outgoing::Delete(key) => {
                 if shared.is_up() {
                     let mut pipe = redis::pipe();
@@ -713,6 +722,8 @@ impl Bus for RedisBus {
     }
 
     fn mirror(&self, generation: &Arc<Generation>) {
+        self.shared
+            .enqueue(Outgoing::Announce(Arc::clone(generation)));
         tokio::spawn(mirror(Arc::clone(&self.shared), Arc::clone(generation)));
     }
 
@@ -847,17 +858,57 @@ fn parse_member(member: &str) -> Option<(MemberKey, String)> {
     ))
 }
 
+/// Appends `events` (starting at offset `first`) to `generation`'s stream
+/// with the APPEND script, ending it with `terminal` when given; returns the
+/// stream's top afterwards (or, when the batch did not start at the top,
+/// the top as Redis has it), `None` when Redis did not answer.
+async fn append(
+    shared: &Arc<Shared>,
+    conn: &mut ConnectionManager,
+    generation: &Generation,
+    first: u64,
+    events: &[crate::provider::ProviderEvent],
+    terminal: Option<&Outcome>,
+) -> Option<u64> {
+    static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+    let script = SCRIPT.get_or_init(|| redis::Script::new(APPEND));
+    let to = generation.persisted_to()?;
+    let id = generation.id();
+    let status = terminal.map(encode_outcome).unwrap_or_default();
+    let ttl = if terminal.is_some() {
+        shared.resume_window_secs
+    } else {
+        shared.config.stream_ttl_secs
+    };
+    let mut invocation = script.key(log_key(id));
+    invocation
+        .key(meta_key(id))
+        .arg(first)
+        .arg(events.len())
+        .arg(encode_events(events))
+        .arg(&status)
+        .arg(ttl)
+        .arg(live_channel(id))
+        .arg(generation.epoch())
+        .arg(&shared.node)
+        .arg(&shared.instance)
+        .arg(&to.owner.tenant_id)
+        .arg(&to.owner.user_id)
+        .arg(&to.conversation_id)
+        .arg(generation.model())
+        .arg(generation.created());
+    shared.run(invocation.invoke_async::<u64>(conn)).await
+}
+
 /// Writes `generation`'s log to its stream in batches until it has ended
 /// and its end is written. Redis away: retries with backoff (the log is in
 /// memory, bounded); Redis lost the stream (restarted empty): rewrites it
 /// from the start.
 async fn mirror(shared: Arc<Shared>, generation: Arc<Generation>) {
-    let Some(to) = generation.persisted_to().cloned() else {
+    if generation.persisted_to().is_none() {
         return;
-    };
-    let script = redis::Script::new(APPEND);
+    }
     let id = generation.id();
-    let (log, meta, channel) = (log_key(id), meta_key(id), live_channel(id));
     let mut cursor: u64 = 0;
     let mut written = false;
     let mut backoff = Duration::from_millis(50);
@@ -871,12 +922,6 @@ async fn mirror(shared: Arc<Shared>, generation: Arc<Generation>) {
             generation.changed_past(cursor).await;
             continue;
         }
-        let status = terminal.as_ref().map(encode_outcome).unwrap_or_default();
-        let ttl = if terminal.is_some() {
-            shared.resume_window_secs
-        } else {
-            shared.config.stream_ttl_secs
-        };
         let Some(mut conn) = shared.conn().filter(|_| shared.is_up()) else {
             if give_up(&shared, &generation, &mut ended_at) {
                 return;
@@ -885,24 +930,16 @@ async fn mirror(shared: Arc<Shared>, generation: Arc<Generation>) {
             backoff = (backoff * 2).min(Duration::from_secs(2));
             continue;
         };
-        let mut invocation = script.key(&log);
-        invocation
-            .key(&meta)
-            .arg(cursor)
-            .arg(count)
-            .arg(encode_events(&events))
-            .arg(&status)
-            .arg(ttl)
-            .arg(&channel)
-            .arg(generation.epoch())
-            .arg(&shared.node)
-            .arg(&shared.instance)
-            .arg(&to.owner.tenant_id)
-            .arg(&to.owner.user_id)
-            .arg(&to.conversation_id)
-            .arg(generation.model())
-            .arg(generation.created());
-        match shared.run(invocation.invoke_async::<u64>(&mut conn)).await {
+        match append(
+            &shared,
+            &mut conn,
+            &generation,
+            cursor,
+            &events,
+            terminal.as_ref(),
+        )
+        .await
+        {
             Some(top) if top == cursor + count => {
                 cursor = top;
                 written = true;
@@ -1049,6 +1086,7 @@ async fn follow(
         shared: Arc::clone(&shared),
         replica: Arc::clone(&replica),
         behind,
+        missing_since: None,
     };
     if follower.catch_up(&meta).await.is_err() {
         unfollow(&shared);
@@ -1072,6 +1110,8 @@ struct Follower {
     shared: Arc<Shared>,
     replica: Arc<Generation>,
     behind: Arc<AtomicBool>,
+    /// Since when (Unix ms) the meta hash has been missing.
+    missing_since: Option<u64>,
 }
 
 /// Redis did not answer.
@@ -1149,12 +1189,18 @@ impl Follower {
         };
         if meta.number("top").is_none() {
             // The keys are gone: expired, or Redis restarted empty. A live
-            // producer rewrites them; a dead one never will.
+            // producer still writing rewrites them soon; a dead one never
+            // will, nor one that finished writing before they were lost.
+            let now = now_ms();
+            let since = *self.missing_since.get_or_insert(now);
             if !self.shared.alive(self.replica.origin().unwrap_or_default()) {
                 self.interrupt();
+            } else if now.saturating_sub(since) > 3 * self.shared.config.heartbeat_ms + 5_000 {
+                self.gap();
             }
             return;
         }
+        self.missing_since = None;
         if self.catch_up(&meta).await.is_err() {
             return;
         }
