@@ -337,6 +337,9 @@ pub struct ChatConfig {
     /// Seconds a connection may live before it is asked to reconnect
     /// (4001, then resume); 0: unlimited.
     pub max_connection_secs: u64,
+    /// Seconds a WebSocket session (its subscriptions) is kept after its
+    /// last change, for a reconnect (`?session=`) to any instance.
+    pub session_ttl_secs: u64,
 }
 
 impl Default for ChatConfig {
@@ -353,6 +356,7 @@ impl Default for ChatConfig {
             pong_timeout_secs: 20,
             write_timeout_ms: 10_000,
             max_connection_secs: 3_600,
+            session_ttl_secs: 86_400,
         }
     }
 }

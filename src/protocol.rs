@@ -82,6 +82,14 @@ pub enum ServerFrame {
     Hello {
         /// The connection's id (for logs and support).
         connection_id: String,
+        /// The session: reconnect with `?session=` to get the same one
+        /// back, on any instance, with its conversations subscribed again.
+        session_id: String,
+        /// Whether the session was restored (its conversations are being
+        /// subscribed again: expect their snapshots).
+        restored: bool,
+        /// The instance serving the connection (for logs and support).
+        node: String,
         /// The user the gateway sees.
         user_id: String,
         /// The server's ping interval, in ms.

@@ -69,7 +69,20 @@ async fn handshake(
     Ws,
     tokio_tungstenite::tungstenite::handshake::client::Response,
 ) {
-    let mut request = format!("ws://{}/v1/ws", gateway.addr)
+    handshake_at(gateway, "/v1/ws", user, protocols).await
+}
+
+/// A WebSocket upgrade of `path` (with its query) offering `protocols`.
+async fn handshake_at(
+    gateway: &TestGateway,
+    path: &str,
+    user: Option<&str>,
+    protocols: &str,
+) -> (
+    Ws,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+) {
+    let mut request = format!("ws://{}{path}", gateway.addr)
         .into_client_request()
         .unwrap();
     request.headers_mut().insert(
@@ -1298,6 +1311,61 @@ async fn the_model_gets_the_whole_context_when_the_user_comes_back_at_once() {
             { "role": "user", "content": "second" },
         ])
     );
+}
+
+#[tokio::test]
+async fn a_session_reconnect_subscribes_its_conversations_again_for_its_user_only() {
+    let upstream = FakeUpstream::start().await;
+    let gateway = TestGateway::openai(&upstream).await;
+    let first = conversation(&gateway, "ada").await;
+    let second = conversation(&gateway, "ada").await;
+    let mut ada = Client::connect(&gateway, "ada").await;
+    assert_eq!(ada.hello["restored"], false);
+    let session = ada.hello["session_id"].as_str().unwrap().to_owned();
+    assert!(uuid::Uuid::parse_str(&session).is_ok(), "{}", ada.hello);
+    for conversation in [&first, &second] {
+        ada.send(json!({ "type": "subscribe", "conversation_id": conversation }))
+            .await;
+        assert_eq!(ada.recv().await["event"], "snapshot");
+    }
+    ada.send(json!({ "type": "unsubscribe", "conversation_id": first }))
+        .await;
+    ada.assert_usable(1).await;
+    drop(ada);
+
+    // Back with the session: the same id, restored, and the conversation
+    // still subscribed is subscribed again (its snapshot comes first).
+    let path = format!("/v1/ws?session={session}");
+    let (ws, _) = handshake_at(&gateway, &path, Some("ada"), "spillway.v1").await;
+    let mut again = Client {
+        ws,
+        hello: Value::Null,
+    };
+    let hello = again.recv().await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    assert_eq!(hello["session_id"], session);
+    assert_eq!(hello["restored"], true);
+    let snapshot = again.recv().await;
+    assert_eq!(snapshot["event"], "snapshot", "{snapshot}");
+    assert_eq!(snapshot["conversation_id"], second);
+    // It is subscribed: typing from another device reaches it.
+    let mut phone = Client::connect(&gateway, "ada").await;
+    phone
+        .send(json!({ "type": "subscribe", "conversation_id": second }))
+        .await;
+    assert_eq!(phone.recv().await["event"], "snapshot");
+    assert_eq!(again.recv().await["event"], "join");
+
+    // Another user presenting ada's session id gets a fresh session.
+    let (ws, _) = handshake_at(&gateway, &path, Some("bob"), "spillway.v1").await;
+    let mut bob = Client {
+        ws,
+        hello: Value::Null,
+    };
+    let hello = bob.recv().await;
+    assert_eq!(hello["restored"], false);
+    assert_ne!(hello["session_id"], session);
+    bob.assert_usable(1).await;
 }
 
 #[tokio::test]

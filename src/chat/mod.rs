@@ -22,7 +22,7 @@ use std::time::Duration;
 
 pub use outbox::{Outbox, Popped};
 
-use crate::cluster::{Bus, Claim, Inbound, MemberKey, Refreshed, RoomEvent};
+use crate::cluster::{Active, Bus, Claim, Inbound, MemberKey, Refreshed, RoomEvent, Session};
 use crate::config::{ChatConfig, Config};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
@@ -285,6 +285,8 @@ pub struct Chat {
     catch_up_wait: Duration,
     /// This service, for the tasks it spawns.
     me: OnceLock<Weak<Chat>>,
+    /// The session of each live WebSocket connection.
+    sessions: Mutex<HashMap<ConnectionId, Session>>,
 }
 
 /// How long loading a conversation's context waits for the persister to
@@ -338,7 +340,82 @@ impl Chat {
                 (3 * config.cluster.position_check_ms).max(config.cluster.command_timeout_ms),
             ),
             me: OnceLock::new(),
+            sessions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The session of connection `id`: the one it asked for (`requested`)
+    /// when that exists (on any instance, with Redis) and is the same
+    /// user's, else a new one. The bool says whether it was restored: its
+    /// conversations are to be subscribed again.
+    pub async fn open_session(
+        &self,
+        id: ConnectionId,
+        owner: &Owner,
+        requested: Option<&str>,
+    ) -> (Session, bool) {
+        let restored = match requested.filter(|r| uuid::Uuid::parse_str(r).is_ok()) {
+            Some(requested) => self.bus.load_session(requested).await.filter(|session| {
+                session.tenant_id == owner.tenant_id && session.user_id == owner.user_id
+            }),
+            None => None,
+        };
+        let was_restored = restored.is_some();
+        let session = restored.unwrap_or_else(|| Session {
+            id: uuid::Uuid::new_v4().to_string(),
+            tenant_id: owner.tenant_id.clone(),
+            user_id: owner.user_id.clone(),
+            conversations: Vec::new(),
+            created_ms: crate::cluster::now_ms(),
+        });
+        self.bus.save_session(&session);
+        lock(&self.sessions).insert(id, session.clone());
+        (session, was_restored)
+    }
+
+    /// Records a subscription change in connection `id`'s session.
+    pub(crate) fn note_session(&self, id: ConnectionId, conversation_id: &str, subscribed: bool) {
+        let mut sessions = lock(&self.sessions);
+        let Some(session) = sessions.get_mut(&id) else {
+            return;
+        };
+        let known = session.conversations.iter().any(|c| c == conversation_id);
+        if subscribed == known {
+            return;
+        }
+        if subscribed {
+            session.conversations.push(conversation_id.to_owned());
+        } else {
+            session.conversations.retain(|c| c != conversation_id);
+        }
+        self.bus.save_session(session);
+    }
+
+    /// `owner`'s replies running now, here and (with Redis) on every other
+    /// instance, oldest first.
+    pub async fn active(&self, owner: &Owner) -> Vec<Active> {
+        let mut active: Vec<Active> = lock(&self.running)
+            .get(owner)
+            .map(|mine| {
+                mine.replies
+                    .iter()
+                    .filter(|g| g.outcome().is_none())
+                    .filter_map(|g| {
+                        Some(Active {
+                            generation_id: g.id().to_string(),
+                            conversation_id: g.persisted_to()?.conversation_id.clone(),
+                            epoch: g.epoch(),
+                            instance: self.bus.instance().to_owned(),
+                            created: g.created(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        active.extend(self.bus.active(&owner.tenant_id, &owner.user_id).await);
+        active.sort_by(|a, b| a.generation_id.cmp(&b.generation_id));
+        active.dedup_by(|a, b| a.generation_id == b.generation_id);
+        active
     }
 
     /// Starts the service's background work: with a shared bus, the
@@ -500,6 +577,8 @@ impl Chat {
                 },
             );
         }
+        drop(rooms);
+        self.note_session(id, conversation_id, true);
         Ok(())
     }
 
@@ -508,6 +587,7 @@ impl Chat {
         if let Some(mine) = lock(&self.subscriptions).get_mut(&id) {
             mine.remove(conversation_id);
         }
+        self.note_session(id, conversation_id, false);
         self.leave(id, conversation_id);
     }
 
@@ -515,6 +595,8 @@ impl Chat {
     /// presence grace, so a reconnect within it makes no leave/join
     /// flicker.
     pub fn disconnect(&self, id: ConnectionId) {
+        // The session record stays (with its TTL) for a reconnect.
+        lock(&self.sessions).remove(&id);
         let conversations = lock(&self.subscriptions).remove(&id).unwrap_or_default();
         if self.presence_grace.is_zero() {
             for conversation_id in conversations {

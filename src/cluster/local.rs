@@ -2,14 +2,18 @@
 //! Rooms, presence and replies live in the process (see `chat/`), so every
 //! method here is the "no other instance" answer.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use super::{Bus, Claim, ClusterError, Health, Inbound, MemberKey, Refreshed, RoomEvent};
+use super::{
+    Active, Bus, Claim, ClusterError, Health, Inbound, MemberKey, Refreshed, RoomEvent, Session,
+    now_ms,
+};
+use crate::config::Config;
 use crate::generation::{Generation, GenerationId};
 
 /// The embedded default bus.
@@ -17,13 +21,31 @@ use crate::generation::{Generation, GenerationId};
 pub struct LocalBus {
     node: String,
     instance: String,
+    /// Sessions of this process, with their expiry (Unix ms); the oldest
+    /// are forgotten past `MAX_SESSIONS`.
+    sessions: Mutex<Sessions>,
+    session_ttl_ms: u64,
 }
+
+#[derive(Debug, Default)]
+struct Sessions {
+    by_id: HashMap<String, (Session, u64)>,
+    order: VecDeque<String>,
+}
+
+/// Sessions one process remembers.
+const MAX_SESSIONS: usize = 100_000;
 
 impl LocalBus {
     /// A bus for this process alone.
-    pub fn new(node: String) -> Self {
+    pub fn new(node: String, config: &Config) -> Self {
         let instance = format!("{node}@{}", crate::generation::epoch());
-        Self { node, instance }
+        Self {
+            node,
+            instance,
+            sessions: Mutex::new(Sessions::default()),
+            session_ttl_ms: config.chat.session_ttl_secs.saturating_mul(1000),
+        }
     }
 }
 
@@ -84,6 +106,37 @@ impl Bus for LocalBus {
     fn record_send(&self, _: &str, _: &str, _: &str, _: &str) {}
 
     fn release_send(&self, _: &str, _: &str) {}
+
+    fn save_session(&self, session: &Session) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        let expiry = now_ms() + self.session_ttl_ms;
+        let fresh = sessions
+            .by_id
+            .insert(session.id.clone(), (session.clone(), expiry))
+            .is_none();
+        if fresh {
+            sessions.order.push_back(session.id.clone());
+        }
+        while sessions.order.len() > MAX_SESSIONS {
+            if let Some(old) = sessions.order.pop_front() {
+                sessions.by_id.remove(&old);
+            }
+        }
+    }
+
+    fn load_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Session>> {
+        let sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        let found = sessions
+            .by_id
+            .get(id)
+            .filter(|(_, expiry)| *expiry > now_ms())
+            .map(|(session, _)| session.clone());
+        std::future::ready(found).boxed()
+    }
+
+    fn active<'a>(&'a self, _tenant_id: &'a str, _user_id: &'a str) -> BoxFuture<'a, Vec<Active>> {
+        std::future::ready(Vec::new()).boxed()
+    }
 
     fn health(&self) -> Health {
         Health {

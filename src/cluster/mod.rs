@@ -138,6 +138,37 @@ pub enum Claim {
     InProgress,
 }
 
+/// A session: who it is and what it was subscribed to, so a reconnect to
+/// any instance picks up where it left off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// The session id (a UUID).
+    pub id: String,
+    /// The tenant.
+    pub tenant_id: String,
+    /// The user (or anonymous visitor).
+    pub user_id: String,
+    /// Conversations subscribed, in subscription order.
+    pub conversations: Vec<String>,
+    /// Unix ms when it was created.
+    pub created_ms: u64,
+}
+
+/// A reply running somewhere in the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Active {
+    /// The generation.
+    pub generation_id: String,
+    /// The conversation it answers.
+    pub conversation_id: String,
+    /// Its log's epoch (resume with it).
+    pub epoch: u64,
+    /// The instance producing it (`node@epoch`).
+    pub instance: String,
+    /// Unix seconds at creation.
+    pub created: u64,
+}
+
 /// Why following a reply from another instance failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClusterError {
@@ -242,6 +273,15 @@ pub trait Bus: Send + Sync + fmt::Debug {
     /// Forgets a claim whose send failed.
     fn release_send(&self, conversation_id: &str, client_message_id: &str);
 
+    /// Stores a session (with the bus's session TTL).
+    fn save_session(&self, session: &Session);
+
+    /// A stored session, if it has not expired.
+    fn load_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Session>>;
+
+    /// Replies of a user running on other instances.
+    fn active<'a>(&'a self, tenant_id: &'a str, user_id: &'a str) -> BoxFuture<'a, Vec<Active>>;
+
     /// Health for `/readyz`.
     fn health(&self) -> Health;
 
@@ -271,7 +311,7 @@ pub fn node_id(config: &Config) -> String {
 pub fn open(config: &Config) -> Arc<dyn Bus> {
     let node = node_id(config);
     if config.cluster.redis_url.is_empty() {
-        Arc::new(LocalBus::new(node))
+        Arc::new(LocalBus::new(node, config))
     } else {
         RedisBus::start(config, node)
     }

@@ -20,6 +20,8 @@
 //! | `spl:{g:<generation>}:log` | stream, entry `1-<first offset>` → `e` (JSON events) | `stream_ttl_secs`, then the resume window |
 //! | `spl:{g:<generation>}:meta` | hash: epoch, node, instance, owner, top, status | same |
 //! | `spl:{g:<generation>}:live` | pub/sub channel of batches | — |
+//! | `spl:{s:<session>}` | string: the session (JSON) | `chat.session_ttl_secs` |
+//! | `spl:{u:<tenant>:<user>}:active` | hash: generation → running reply (JSON) | `stream_ttl_secs` |
 //! | `spl:nodes` | zset `node@epoch` → expiry ms | entries pruned after an hour |
 //! | `spl:node:<node@epoch>` | pub/sub control channel | — |
 
@@ -37,8 +39,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::wire::{decode_events, encode_events};
 use super::{
-    Bus, Claim, ClusterError, Health, Inbound, MemberKey, Refreshed, RoomEvent, decode_outcome,
-    encode_outcome, now_ms,
+    Active, Bus, Claim, ClusterError, Health, Inbound, MemberKey, Refreshed, RoomEvent, Session,
+    decode_outcome, encode_outcome, now_ms,
 };
 use crate::config::{ClusterConfig, Config};
 use crate::generation::{Generation, GenerationId, Outcome, PersistTo, ReplicaSpec};
@@ -113,6 +115,14 @@ fn live_channel(id: GenerationId) -> String {
 
 const NODES: &str = "spl:nodes";
 
+fn session_key(id: &str) -> String {
+    format!("spl:{{s:{id}}}")
+}
+
+fn active_key(tenant_id: &str, user_id: &str) -> String {
+    format!("spl:{{u:{tenant_id}:{user_id}}}:active")
+}
+
 fn control_channel(instance: &str) -> String {
     format!("spl:node:{instance}")
 }
@@ -181,6 +191,7 @@ struct Shared {
     max_frame_bytes: usize,
     max_reply_bytes: usize,
     resume_window_secs: u64,
+    session_ttl_secs: u64,
     /// How long an unwatched replica keeps following.
     replica_grace: Duration,
     conn: OnceLock<ConnectionManager>,
@@ -231,6 +242,7 @@ impl RedisBus {
             max_frame_bytes: config.generation.max_frame_bytes,
             max_reply_bytes: config.generation.max_reply_bytes,
             resume_window_secs: config.generation.resume_window_secs.max(1),
+            session_ttl_secs: config.chat.session_ttl_secs.max(1),
             replica_grace: Duration::from_secs(config.generation.grace_secs.max(1)),
             conn: OnceLock::new(),
             connected: AtomicBool::new(false),
@@ -471,6 +483,7 @@ async fn publisher(shared: Arc<Shared>, mut outgoing: mpsc::Receiver<Outgoing>) 
             Outgoing::Announce(generation) => {
                 if shared.is_up() {
                     append(&shared, &mut conn, &generation, 0, &[], None).await;
+                    set_active(&shared, &mut conn, &generation, true).await;
                 }
             }
             Outgoing::Delete(key) => {
@@ -813,6 +826,61 @@ impl Bus for RedisBus {
         )));
     }
 
+    fn save_session(&self, session: &Session) {
+        let Ok(value) = serde_json::to_string(session) else {
+            return;
+        };
+        self.shared.enqueue(Outgoing::Set {
+            key: session_key(&session.id),
+            value,
+            ttl_secs: self.shared.session_ttl_secs,
+        });
+    }
+
+    fn load_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<Session>> {
+        async move {
+            let shared = &self.shared;
+            if !shared.is_up() {
+                return None;
+            }
+            let mut conn = shared.conn()?;
+            let value: Option<String> = shared
+                .run(
+                    redis::cmd("GET")
+                        .arg(session_key(id))
+                        .query_async(&mut conn),
+                )
+                .await?;
+            serde_json::from_str(&value?).ok()
+        }
+        .boxed()
+    }
+
+    fn active<'a>(&'a self, tenant_id: &'a str, user_id: &'a str) -> BoxFuture<'a, Vec<Active>> {
+        async move {
+            let shared = &self.shared;
+            let Some(mut conn) = shared.conn().filter(|_| shared.is_up()) else {
+                return Vec::new();
+            };
+            let entries: Option<HashMap<String, String>> = shared
+                .run(
+                    redis::cmd("HGETALL")
+                        .arg(active_key(tenant_id, user_id))
+                        .query_async(&mut conn),
+                )
+                .await;
+            let mut active: Vec<Active> = entries
+                .unwrap_or_default()
+                .values()
+                .filter_map(|json| serde_json::from_str::<Active>(json).ok())
+                .filter(|a| a.instance != shared.instance && shared.alive(&a.instance))
+                .collect();
+            active.sort_by(|a, b| a.generation_id.cmp(&b.generation_id));
+            active
+        }
+        .boxed()
+    }
+
     fn health(&self) -> Health {
         let shared = &self.shared;
         Health {
@@ -945,6 +1013,7 @@ async fn mirror(shared: Arc<Shared>, generation: Arc<Generation>) {
                 written = true;
                 backoff = Duration::from_millis(50);
                 if terminal.is_some() {
+                    set_active(&shared, &mut conn, &generation, false).await;
                     return;
                 }
             }
@@ -964,6 +1033,43 @@ async fn mirror(shared: Arc<Shared>, generation: Arc<Generation>) {
             }
         }
     }
+}
+
+/// Lists (or, once it ended, unlists) `generation` among its user's
+/// running replies.
+async fn set_active(
+    shared: &Arc<Shared>,
+    conn: &mut ConnectionManager,
+    generation: &Generation,
+    running: bool,
+) {
+    let Some(to) = generation.persisted_to() else {
+        return;
+    };
+    let key = active_key(&to.owner.tenant_id, &to.owner.user_id);
+    let field = generation.id().to_string();
+    let mut pipe = redis::pipe();
+    if running {
+        let active = Active {
+            generation_id: field.clone(),
+            conversation_id: to.conversation_id.clone(),
+            epoch: generation.epoch(),
+            instance: shared.instance.clone(),
+            created: generation.created(),
+        };
+        let Ok(json) = serde_json::to_string(&active) else {
+            return;
+        };
+        pipe.hset(&key, &field, json).ignore();
+        pipe.expire(
+            &key,
+            i64::try_from(shared.config.stream_ttl_secs).unwrap_or(i64::MAX),
+        )
+        .ignore();
+    } else {
+        pipe.hdel(&key, &field).ignore();
+    }
+    shared.run(pipe.query_async::<()>(conn)).await;
 }
 
 /// Whether a mirror stops retrying: its reply ended longer ago than the

@@ -425,3 +425,23 @@ pub async fn erase(
     .await;
     respond(&request_id, result)
 }
+
+/// `GET /v1/me/generations`: the user's replies running now, on every
+/// instance, oldest first, with what a client needs to resume each
+/// (`generation_id`, `epoch`; resume from the offset it holds, or 0).
+pub async fn active(State(gateway): State<Arc<Gateway>>, User(owner): User) -> Response {
+    let active = gateway.chat.active(&owner).await;
+    let data: Vec<serde_json::Value> = active
+        .iter()
+        .map(|a| {
+            json!({
+                "generation_id": a.generation_id,
+                "conversation_id": a.conversation_id,
+                "epoch": a.epoch,
+                "node": a.instance.split_once('@').map_or(a.instance.as_str(), |(node, _)| node),
+                "created": a.created,
+            })
+        })
+        .collect();
+    Json(json!({ "object": "list", "data": data })).into_response()
+}

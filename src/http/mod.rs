@@ -177,6 +177,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             axum::routing::delete(conversations::erase),
         )
         .route("/v1/me/export", get(conversations::export))
+        .route("/v1/me/generations", get(conversations::active))
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/generations/{id}/events", get(sse::events))
         .route("/v1/generations/{id}/cancel", post(sse::cancel))

@@ -108,11 +108,14 @@ impl Connections {
     }
 }
 
-/// `?user=` (development mode, for clients that cannot set headers).
+/// `?user=` (development mode, for clients that cannot set headers) and
+/// `?session=` (the session to pick up again).
 #[derive(Debug, Deserialize)]
 pub struct WsQuery {
     #[serde(default)]
     user: Option<String>,
+    #[serde(default)]
+    session: Option<String>,
 }
 
 /// `GET /v1/ws`
@@ -125,6 +128,7 @@ pub async fn upgrade(
     let owner =
         super::dev_owner(&headers).or_else(|| query.user.as_deref().and_then(super::owner_named));
     let limit = gateway.config.chat.ws_max_message_bytes;
+    let session = query.session;
     ws.protocols([SUBPROTOCOL])
         .max_message_size(limit)
         .max_frame_size(limit)
@@ -133,7 +137,7 @@ pub async fn upgrade(
         .write_buffer_size(8 * 1024)
         .on_upgrade(move |socket| async move {
             match owner {
-                Some(owner) => run(gateway, owner, socket).await,
+                Some(owner) => run(gateway, owner, session, socket).await,
                 None => {
                     let mut socket = socket;
                     drop(
@@ -175,7 +179,7 @@ struct Connection {
     finish: HashMap<uuid::Uuid, String>,
 }
 
-async fn run(gateway: Arc<Gateway>, owner: Owner, socket: WebSocket) {
+async fn run(gateway: Arc<Gateway>, owner: Owner, session: Option<String>, socket: WebSocket) {
     let chat = &gateway.chat;
     let outbox = Arc::new(Outbox::new(chat.config().outbox_capacity));
     let (id, stats) = gateway.connections.register(&outbox);
@@ -192,11 +196,30 @@ async fn run(gateway: Arc<Gateway>, owner: Owner, socket: WebSocket) {
         finish: HashMap::new(),
     };
     tracing::debug!(connection = id, "websocket connected");
+    let (session, restored) = chat
+        .open_session(id, &connection.owner, session.as_deref())
+        .await;
     outbox.push(ServerFrame::Hello {
         connection_id: id.to_string(),
+        session_id: session.id.clone(),
+        restored,
+        node: gateway.bus.node().to_owned(),
         user_id: connection.owner.user_id.clone(),
         heartbeat_ms: config.ping_interval_secs * 1000,
     });
+    if restored {
+        // Subscribe again to what the session had (each answers with its
+        // snapshot); a conversation gone since is dropped from it.
+        for conversation_id in &session.conversations {
+            if let Err(err) = chat
+                .subscribe(id, &connection.owner, &outbox, conversation_id)
+                .await
+            {
+                chat.note_session(id, conversation_id, false);
+                outbox.push(err.frame(None));
+            }
+        }
+    }
     let write_timeout = Duration::from_millis(config.write_timeout_ms);
     let pong_timeout = Duration::from_secs(config.pong_timeout_secs);
     let mut ping = tokio::time::interval(Duration::from_secs(config.ping_interval_secs));
