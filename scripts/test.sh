@@ -46,6 +46,14 @@ else
     echo "PostgreSQL is not reachable on 127.0.0.1:5432; the PostgreSQL tests will fail" >&2
 fi
 
+# Redis: the cluster tests (tests/cluster*.rs) start throwaway redis-server
+# processes of their own on free ports (never the machine's 6379), so only
+# the binary is needed.
+if ! command -v redis-server >/dev/null 2>&1; then
+    log "installing Redis"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
     log "installing cargo-nextest"
     cargo install --locked cargo-nextest

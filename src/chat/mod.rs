@@ -802,7 +802,10 @@ impl Chat {
                 (id.clone(), members)
             })
             .collect();
-        let Some(Refreshed { live, rooms: seen }) = self.bus.refresh(&local).await else {
+        let Some(Refreshed {
+            dead, rooms: seen, ..
+        }) = self.bus.refresh(&local).await
+        else {
             return;
         };
         let mut rooms = lock(&self.rooms);
@@ -833,7 +836,7 @@ impl Chat {
                     continue;
                 }
                 remote.missed = remote.missed.saturating_add(1);
-                if remote.missed >= 2 || !live.contains(&key.instance) {
+                if remote.missed >= 2 || dead.contains(&key.instance) {
                     gone.push(key.clone());
                 }
             }

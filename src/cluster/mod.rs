@@ -118,6 +118,9 @@ pub enum Inbound {
 pub struct Refreshed {
     /// Live instances (`node@epoch`), this one included.
     pub live: HashSet<String>,
+    /// Instances whose heartbeat lapsed (dead, or stopped). An instance in
+    /// neither set is unknown (it may be starting).
+    pub dead: HashSet<String>,
     /// Per conversation: other instances' members and their users.
     pub rooms: HashMap<String, HashMap<MemberKey, String>>,
 }

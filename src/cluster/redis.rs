@@ -212,6 +212,8 @@ struct Shared {
     following: tokio::sync::Mutex<()>,
     /// Live instances seen at the last refresh.
     live: Mutex<HashSet<String>>,
+    /// Instances whose heartbeat had lapsed at the last refresh.
+    dead: Mutex<HashSet<String>>,
     dropped_inbound: AtomicU64,
     dropped_outbound: AtomicU64,
     recovered: AtomicU64,
@@ -255,6 +257,7 @@ impl RedisBus {
             replicas: Mutex::new(HashMap::new()),
             following: tokio::sync::Mutex::new(()),
             live: Mutex::new(HashSet::new()),
+            dead: Mutex::new(HashSet::new()),
             dropped_inbound: AtomicU64::new(0),
             dropped_outbound: AtomicU64::new(0),
             recovered: AtomicU64::new(0),
@@ -311,6 +314,14 @@ async fn connect(shared: Arc<Shared>, outgoing: mpsc::Receiver<Outgoing>) {
     }
     shared.mark(true);
     tracing::info!("redis connected");
+    // Announce this instance at once, not at the next heartbeat, so others
+    // never see its members before it.
+    if let Some(mut conn) = shared.conn() {
+        let expiry = now_ms() + 3 * shared.config.heartbeat_ms;
+        let mut pipe = redis::pipe();
+        pipe.zadd(NODES, &shared.instance, expiry).ignore();
+        shared.run(pipe.query_async::<()>(&mut conn)).await;
+    }
     tokio::spawn(publisher(Arc::clone(&shared), outgoing));
     tokio::spawn(dispatcher(Arc::clone(&shared), push_rx));
     // This node's control channel.
@@ -391,12 +402,16 @@ impl Shared {
         }
     }
 
-    /// Whether an instance is alive: seen by the last refresh, or (while
-    /// Redis has just come back and heartbeats are being rewritten) not yet
-    /// known to be dead.
+    /// Whether an instance is alive: its heartbeat was current at the last
+    /// refresh. One whose heartbeat lapsed is dead; one never seen (just
+    /// started, or Redis has just come back empty and heartbeats are being
+    /// rewritten) is given three heartbeats after (re)connecting.
     fn alive(&self, instance: &str) -> bool {
         if instance == self.instance || lock(&self.live).contains(instance) {
             return true;
+        }
+        if lock(&self.dead).contains(instance) {
+            return false;
         }
         let up_since = self.up_since.load(Ordering::Relaxed);
         let settle = 3 * self.config.heartbeat_ms;
@@ -708,28 +723,30 @@ impl Bus for RedisBus {
                 .arg(now)
                 .arg("+inf")
                 .arg("BYSCORE");
+            pipe.cmd("ZRANGE")
+                .arg(NODES)
+                .arg("-inf")
+                .arg(format!("({now}"))
+                .arg("BYSCORE");
             let mut replies: Vec<Vec<String>> = shared.run(pipe.query_async(&mut conn)).await?;
-            let mut live: HashSet<String> = replies.pop().unwrap_or_default().into_iter().collect();
-            // Just after Redis came back (possibly empty), the others have
-            // not rewritten their heartbeats yet: keep trusting the
-            // instances seen before, for three heartbeats.
-            let up_since = shared.up_since.load(Ordering::Relaxed);
-            if now.saturating_sub(up_since) < ttl_ms {
-                live.extend(lock(&shared.live).iter().cloned());
-            }
+            let dead: HashSet<String> = replies.pop().unwrap_or_default().into_iter().collect();
+            let live: HashSet<String> = replies.pop().unwrap_or_default().into_iter().collect();
             *lock(&shared.live) = live.clone();
+            *lock(&shared.dead) = dead.clone();
             let mut rooms = HashMap::new();
             for ((conversation_id, _), members) in local.iter().zip(replies) {
+                // Members of instances not known to be dead: one that has
+                // just started may not have written its heartbeat yet.
                 let others: HashMap<MemberKey, String> = members
                     .iter()
                     .filter_map(|m| parse_member(m))
                     .filter(|(key, _)| {
-                        key.instance != shared.instance && live.contains(&key.instance)
+                        key.instance != shared.instance && !dead.contains(&key.instance)
                     })
                     .collect();
                 rooms.insert(conversation_id.clone(), others);
             }
-            Some(Refreshed { live, rooms })
+            Some(Refreshed { live, dead, rooms })
         }
         .boxed()
     }
@@ -902,8 +919,11 @@ impl Bus for RedisBus {
                 return;
             };
             if shared.is_up() {
+                // Lapsed, not removed: the others take its members for gone
+                // at their next refresh.
                 let mut pipe = redis::pipe();
-                pipe.zrem(NODES, &shared.instance).ignore();
+                pipe.zadd(NODES, &shared.instance, now_ms().saturating_sub(1))
+                    .ignore();
                 shared.run(pipe.query_async::<()>(&mut conn)).await;
             }
         }

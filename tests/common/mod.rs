@@ -3,7 +3,9 @@
 #![allow(dead_code)] // each test binary uses a different subset
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
+pub mod cluster;
 pub mod db;
+pub mod redis;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -584,6 +586,7 @@ pub fn final_error(events: &[ClientEvent]) -> &Value {
 pub const BIN: &str = env!("CARGO_BIN_EXE_spillway");
 
 /// A spawned gateway process and everything it logged so far.
+#[derive(Debug)]
 pub struct Process {
     pub child: tokio::process::Child,
     pub addr: String,
@@ -593,7 +596,27 @@ pub struct Process {
 impl Process {
     /// Spawns `spillway serve` with `args` and `env`, waits for it to listen.
     pub async fn serve(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(args, env, false).await
+    }
+
+    /// Like [`serve`](Self::serve), but the gateway does not inherit the
+    /// test's own `SPILLWAY_*` variables (`SPILLWAY_TEST_*` aside), so only
+    /// its config file and `env` configure it (say, no `SPILLWAY_REDIS_URL`
+    /// of the machine's).
+    pub async fn serve_isolated(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(args, env, true).await
+    }
+
+    async fn spawn(args: &[&str], env: &[(&str, &str)], isolated: bool) -> Self {
         let mut command = tokio::process::Command::new(BIN);
+        if isolated {
+            for (key, _) in std::env::vars_os() {
+                let name = key.to_string_lossy();
+                if name.starts_with("SPILLWAY_") && !name.starts_with("SPILLWAY_TEST_") {
+                    command.env_remove(&key);
+                }
+            }
+        }
         command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
@@ -614,9 +637,19 @@ impl Process {
         let addr = loop {
             let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
                 .await
-                .expect("gateway logs within 30 s")
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "gateway logs within 30 s; its log so far:\n{}",
+                        log.lock().unwrap()
+                    )
+                })
                 .unwrap()
-                .expect("gateway exited before listening");
+                .unwrap_or_else(|| {
+                    panic!(
+                        "gateway exited before listening; its log:\n{}",
+                        log.lock().unwrap()
+                    )
+                });
             log.lock().unwrap().push_str(&line);
             log.lock().unwrap().push('\n');
             if let Some(rest) = line.split("http://").nth(1) {
@@ -640,5 +673,39 @@ impl Process {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The process id (while it has not been reaped).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the gateway process is running")
+    }
+
+    /// Sends `SIG<signal>` (`"TERM"`, `"KILL"`, `"STOP"`, …) to the process.
+    pub async fn signal(&self, signal: &str) {
+        redis::send_signal(self.pid(), signal).await;
+    }
+
+    /// SIGKILL (a crash: no drain, no goodbye to Redis) and waits until the
+    /// process is gone.
+    pub async fn kill(&mut self) -> std::process::ExitStatus {
+        self.child.start_kill().expect("SIGKILL the gateway");
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("a killed gateway exits at once")
+            .expect("wait for the gateway")
+    }
+
+    /// SIGTERM (a graceful shutdown) and waits up to `within` for the exit.
+    pub async fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        self.signal("TERM").await;
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the gateway exits after SIGTERM")
+            .expect("wait for the gateway")
+    }
+
+    /// Everything the process logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 }
