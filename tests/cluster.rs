@@ -429,3 +429,96 @@ async fn a_message_sent_on_a_reaches_subscribers_on_b_and_c() {
     }
     assert_eq!(on_a.last()["type"], "done");
 }
+
+/// `GET /v1/me/generations` on `node` as `user`: the running replies.
+async fn active(node: &Node, user: &str) -> Vec<Value> {
+    let response = common::client()
+        .get(node.url("/v1/me/generations"))
+        .header("x-spillway-user", user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.unwrap();
+    body["data"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn sessions_running_replies_resends_and_cancels_work_from_any_instance() {
+    let cluster = Cluster::start(&["a", "b"], ClusterSettings::default()).await;
+    let (a, b) = (cluster.node("a"), cluster.node("b"));
+    let conversation = a.conversation("u").await;
+    let tokens = long_reply(6);
+    cluster.upstream.push(stalling_stream(&tokens, &[], PACE));
+
+    // A session opened on A, subscribed to the conversation.
+    let mut a1 = a.ws("u").await;
+    assert_eq!(a1.hello["node"], "a");
+    let session = a1.hello["session_id"].as_str().unwrap().to_owned();
+    a1.subscribe(&conversation).await;
+    let (ack, _) = a1.send_message(&conversation, "Long one", "s-1").await;
+    let (generation, epoch) = generation_of(&ack);
+    a1.until_reply(&generation).await;
+    let mut streamed = Streamed::at(0);
+    let ended = a1
+        .continue_stream(&generation, &mut streamed, WAIT, |s| {
+            s.text == tokens.concat()
+        })
+        .await;
+    assert!(!ended, "the reply stalls, it does not end");
+    assert_eq!(streamed.text, tokens.concat());
+
+    // B lists the reply running on A, with what a resume needs.
+    let listed = active(b, "u").await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["generation_id"], generation);
+    assert_eq!(listed[0]["conversation_id"], conversation);
+    assert_eq!(listed[0]["epoch"], epoch);
+    assert_eq!(listed[0]["node"], "a");
+    assert!(
+        active(b, "eve").await.is_empty(),
+        "another user sees nothing"
+    );
+
+    // The device drops and reconnects to B with its session: restored, and
+    // the conversation is subscribed again there.
+    a1.close().await;
+    let path = format!("/v1/ws?session={session}");
+    let mut b1 = WsClient::connect_path(b.addr(), &path, "u").await;
+    assert_eq!(b1.hello["session_id"], session);
+    assert_eq!(b1.hello["restored"], true);
+    assert_eq!(b1.hello["node"], "b");
+    let snapshot = b1.recv().await;
+    assert_eq!(snapshot["type"], "presence", "{snapshot}");
+    assert_eq!(snapshot["event"], "snapshot");
+    assert_eq!(snapshot["conversation_id"], conversation);
+
+    // A resend of the same message on B is answered with the first ack:
+    // no second message, no second reply.
+    let (again, _) = b1.send_message(&conversation, "Long one", "s-1").await;
+    assert_eq!(again["message_id"], ack["message_id"]);
+    assert_eq!(again["generation_id"], ack["generation_id"]);
+    assert_eq!(cluster.upstream.requests().len(), 1, "one upstream call");
+
+    // Cancelling on B stops the reply on A: B's reader ends `cancelled`.
+    b1.resume(&generation, epoch, tokens.len() as u64).await;
+    b1.send(json!({ "type": "cancel", "generation_id": generation }))
+        .await;
+    let (end, _) = b1
+        .until(WAIT, "the cancelled end", |f| {
+            f["type"] == "error" && f["generation_id"] == generation.as_str()
+        })
+        .await;
+    assert_eq!(end["code"], "cancelled", "{end}");
+    cluster.upstream.wait_closed(1).await;
+    // Once it ended, nobody lists it any more.
+    let mut listed = active(b, "u").await;
+    for _ in 0..100 {
+        if listed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        listed = active(b, "u").await;
+    }
+    assert!(listed.is_empty(), "{listed:?}");
+}

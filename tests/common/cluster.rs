@@ -330,7 +330,13 @@ impl WsClient {
     /// Connects to `addr` (`host:port`) as `user` (`X-Spillway-User`) and
     /// reads `hello`.
     pub async fn connect(addr: &str, user: &str) -> Self {
-        let mut request = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
+        Self::connect_path(addr, "/v1/ws", user).await
+    }
+
+    /// Connects to `path` (with its query) on `addr` as `user` and reads
+    /// `hello`.
+    pub async fn connect_path(addr: &str, path: &str, user: &str) -> Self {
+        let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
         request.headers_mut().insert(
             "sec-websocket-protocol",
             HeaderValue::from_static("spillway.v1"),
