@@ -14,9 +14,8 @@
 //!   OpenAI-compatible API in `http/openai.rs`, static assets);
 //! - [`error`]: `ApiError`, the edge type every handler returns;
 //! - [`protocol`]: the native wire protocol's frames (WebSocket and SSE);
-//! - [`chat`]: conversations live: rooms, members, presence, typing, sends,
-//!   sessions
-//!   and the replies they start;
+//! - [`chat`]: conversations live: rooms, members, presence, typing,
+//!   sessions, sends and the replies they start;
 //! - [`cluster`]: the bus to other instances: in-process (one instance) or
 //!   Redis (fan-out, presence, sessions, replies mirrored and followed);
 //! - [`routing`]: model name → provider targets; retries, fail-over,
