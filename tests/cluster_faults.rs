@@ -106,6 +106,25 @@ async fn redis_going_away_mid_reply_is_survived_and_recovered_from() {
     }
     eprintln!("both unready {:?} after Redis stopped", stopped.elapsed());
 
+    // A resume on B of a reply B does not follow (it may be on another
+    // instance) cannot be answered now, and says so as retryable, not as
+    // "reload from history". (B1's reply, followed already, resumes.)
+    let elsewhere = uuid::Uuid::now_v7().to_string();
+    let mut b2 = b.ws("u").await;
+    b2.resume(&elsewhere, epoch, 0).await;
+    let (refused, _) = b2
+        .until(WAIT, "the resume's answer", |f| f["type"] == "error")
+        .await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    assert_eq!(refused["retryable"], true, "{refused}");
+    assert_eq!(refused["generation_id"], elsewhere.as_str());
+    b2.resume(&generation, epoch, 0).await;
+    let (resumed, _) = b2
+        .until(WAIT, "the followed reply", |f| f["type"] == "delta")
+        .await;
+    assert_eq!(resumed["generation_id"], generation.as_str(), "{resumed}");
+    assert_eq!(resumed["offset"], 0, "{resumed}");
+
     // Redis comes back, empty, on the same port.
     cluster.redis().start().await;
     let restarted = Instant::now();

@@ -1333,19 +1333,33 @@ impl Chat {
     /// The generation `id` if it answers one of `owner`'s conversations:
     /// held here, or produced on another instance and followed here.
     pub async fn find_generation(&self, owner: &Owner, id: &str) -> Option<Arc<Generation>> {
-        if let Some(generation) = self.generation_of(owner, id) {
-            return Some(generation);
+        match self.lookup_generation(owner, id).await {
+            Lookup::Found(generation) => Some(generation),
+            Lookup::Missing | Lookup::Unavailable => None,
         }
-        let uuid = uuid::Uuid::parse_str(id).ok()?;
+    }
+
+    /// Like [`Chat::find_generation`], telling "no such reply" from "the
+    /// instances holding replies cannot be asked now".
+    pub async fn lookup_generation(&self, owner: &Owner, id: &str) -> Lookup {
+        if let Some(generation) = self.generation_of(owner, id) {
+            return Lookup::Found(generation);
+        }
+        let Ok(uuid) = uuid::Uuid::parse_str(id) else {
+            return Lookup::Missing;
+        };
         let generation = match self.bus.follow(uuid).await {
-            Ok(found) => found?,
+            Ok(Some(generation)) => generation,
+            Ok(None) => return Lookup::Missing,
             Err(err) => {
                 tracing::warn!(generation = id, %err, "cannot follow a reply from another instance");
-                return None;
+                return Lookup::Unavailable;
             }
         };
-        let to = generation.persisted_to()?;
-        (to.owner == *owner).then_some(generation)
+        match generation.persisted_to() {
+            Some(to) if to.owner == *owner => Lookup::Found(generation),
+            _ => Lookup::Missing,
+        }
     }
 
     /// The generation `owner` may resume at (`epoch`, `offset`); the error
@@ -1359,13 +1373,20 @@ impl Chat {
         id: &str,
         epoch: u64,
         offset: u64,
-    ) -> Result<Arc<Generation>, &'static str> {
-        let generation = self
-            .find_generation(owner, id)
-            .await
-            .ok_or("the reply is no longer held: reload the conversation from history")?;
+    ) -> Result<Arc<Generation>, ResumeError> {
+        let generation = match self.lookup_generation(owner, id).await {
+            Lookup::Found(generation) => generation,
+            Lookup::Missing => {
+                return Err(ResumeError::Reload(
+                    "the reply is no longer held: reload the conversation from history",
+                ));
+            }
+            Lookup::Unavailable => return Err(ResumeError::Unavailable),
+        };
         if epoch != generation.epoch() {
-            return Err("unknown epoch: reload the conversation from history");
+            return Err(ResumeError::Reload(
+                "unknown epoch: reload the conversation from history",
+            ));
         }
         if offset > generation.len() {
             let reached = generation.origin().is_some()
@@ -1373,7 +1394,9 @@ impl Chat {
                     .await
                     .unwrap_or(false);
             if !reached {
-                return Err("offset beyond the reply: reload the conversation from history");
+                return Err(ResumeError::Reload(
+                    "offset beyond the reply: reload the conversation from history",
+                ));
             }
         }
         Ok(generation)
@@ -1393,6 +1416,47 @@ impl Chat {
             generation.cancel(CancelReason::Requested);
         }
         true
+    }
+}
+
+/// A generation looked up by id.
+#[derive(Debug)]
+pub enum Lookup {
+    /// Held here, or followed from another instance.
+    Found(Arc<Generation>),
+    /// No instance holds it for this user.
+    Missing,
+    /// Another instance may hold it, but the bus cannot be asked now.
+    Unavailable,
+}
+
+/// Why a resume cannot be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeError {
+    /// It never can: the client must reload the conversation from history.
+    Reload(&'static str),
+    /// Not now (Redis is unreachable): retry the resume shortly.
+    Unavailable,
+}
+
+impl ResumeError {
+    /// The protocol error frame for generation `generation_id`.
+    pub fn frame(&self, generation_id: &str) -> ServerFrame {
+        let (code, message, retryable) = match self {
+            Self::Reload(message) => ("reload_from_history", *message, false),
+            Self::Unavailable => (
+                "unavailable",
+                "replies of other instances cannot be reached now: resume again shortly",
+                true,
+            ),
+        };
+        ServerFrame::Error {
+            code: code.to_owned(),
+            message: message.to_owned(),
+            retryable,
+            generation_id: Some(generation_id.to_owned()),
+            client_message_id: None,
+        }
     }
 }
 

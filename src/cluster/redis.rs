@@ -690,6 +690,7 @@ impl Bus for RedisBus {
             let expiry = now + ttl_ms;
             let mut pipe = redis::pipe();
             pipe.zadd(NODES, &shared.instance, expiry).ignore();
+            pipe.expire(NODES, 7_200).ignore();
             pipe.cmd("ZREMRANGEBYSCORE")
                 .arg(NODES)
                 .arg("-inf")

@@ -31,6 +31,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 
 use super::{Gateway, RequestId};
+use crate::chat::{Lookup, ResumeError};
 use crate::error::ApiError;
 use crate::generation::Generation;
 use crate::protocol::ServerFrame;
@@ -295,9 +296,11 @@ pub async fn events(
             }
             None => (query.epoch, query.from.unwrap_or(0)),
         };
-        let Some(generation) = gateway.chat.find_generation(&owner, &generation_id).await else {
+        let generation = match gateway.chat.lookup_generation(&owner, &generation_id).await {
+            Lookup::Found(generation) => generation,
             // Nothing to resume: 204 makes EventSource stop reconnecting.
-            return Ok(StatusCode::NO_CONTENT.into_response());
+            Lookup::Missing => return Ok(StatusCode::NO_CONTENT.into_response()),
+            Lookup::Unavailable => return Err(cluster_unavailable()),
         };
         let epoch = epoch.unwrap_or_else(|| generation.epoch());
         let generation = match gateway
@@ -306,14 +309,9 @@ pub async fn events(
             .await
         {
             Ok(generation) => generation,
-            Err(message) => {
-                let frame = ServerFrame::Error {
-                    code: "reload_from_history".into(),
-                    message: message.into(),
-                    retryable: false,
-                    generation_id: Some(generation_id.clone()),
-                    client_message_id: None,
-                };
+            Err(ResumeError::Unavailable) => return Err(cluster_unavailable()),
+            Err(err) => {
+                let frame = err.frame(&generation_id);
                 let body = futures_util::stream::iter([Ok(Bytes::from(event(&frame, None)))]);
                 return Ok(sse_response(body));
             }
@@ -331,6 +329,19 @@ pub async fn events(
     }
     .await;
     result.unwrap_or_else(|err: ApiError| err.with_request_id(&request_id).into_response())
+}
+
+/// 503: the reply may be on another instance, which cannot be reached now.
+fn cluster_unavailable() -> ApiError {
+    let mut err = ApiError::invalid_request(
+        "unavailable",
+        "Replies of other instances cannot be reached now; retry shortly",
+    );
+    err.status = StatusCode::SERVICE_UNAVAILABLE;
+    err.kind = "server_error";
+    err.retryable = true;
+    err.retry_after = Some(Duration::from_secs(1));
+    err
 }
 
 /// `POST /v1/generations/{id}/cancel`

@@ -417,11 +417,7 @@ impl Connection {
                     self.stream(generation, offset);
                     Vec::new()
                 }
-                Err(message) => vec![generation_error(
-                    "reload_from_history",
-                    message,
-                    &generation_id,
-                )],
+                Err(err) => vec![err.frame(&generation_id)],
             },
             ClientFrame::Subscribe { conversation_id } => {
                 match chat
