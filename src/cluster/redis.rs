@@ -291,7 +291,12 @@ async fn connect(shared: Arc<Shared>, outgoing: mpsc::Receiver<Outgoing>) {
         .set_automatic_resubscription()
         .set_push_sender(sender);
     let url = with_resp3(&shared.config.redis_url);
-    let client = match redis::Client::open(url) {
+    // Events are small writes that must leave at once: no Nagle delay.
+    let info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).map(|info| {
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
+        info.set_tcp_settings(tcp)
+    });
+    let client = match info.and_then(redis::Client::open) {
         Ok(client) => client,
         Err(err) => {
             tracing::error!(%err, "cluster.redis_url is not a usable Redis URL");
