@@ -313,3 +313,47 @@ pub mod close {
     /// Not authenticated.
     pub const UNAUTHORIZED: u16 = 4401;
 }
+
+/// Parses a client frame (a WebSocket text message), or the typed error
+/// frame that answers it. Never panics, whatever the input.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, ServerFrame> {
+    const KNOWN: [&str; 7] = [
+        "send",
+        "cancel",
+        "resume",
+        "subscribe",
+        "unsubscribe",
+        "typing",
+        "ping",
+    ];
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|err| ServerFrame::error("invalid_json", format!("not JSON: {err}"), false))?;
+    let kind = value
+        .get("type")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            ServerFrame::error(
+                "invalid_frame",
+                "a frame is a JSON object with a string 'type'",
+                false,
+            )
+        })?;
+    if !KNOWN.contains(&kind.as_str()) {
+        return Err(ServerFrame::error(
+            "unknown_frame_type",
+            format!(
+                "unknown frame type '{}'",
+                kind.chars().take(64).collect::<String>()
+            ),
+            false,
+        ));
+    }
+    serde_json::from_value(value).map_err(|err| {
+        ServerFrame::error(
+            "invalid_frame",
+            format!("invalid '{kind}' frame: {err}"),
+            false,
+        )
+    })
+}

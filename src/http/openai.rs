@@ -174,6 +174,12 @@ async fn persist_request(
     }
 }
 
+/// Parses and checks a chat completion request body as the endpoint does
+/// (for fuzzing and tools); every rejection is a typed 400.
+pub fn check_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    parse_request(body).map(|(chat, _)| chat)
+}
+
 /// Parses and checks a chat completion request. Every rejection is a typed
 /// 400 naming the field at fault.
 fn parse_request(body: &[u8]) -> Result<(ChatRequest, Delivery), ApiError> {

@@ -366,7 +366,7 @@ async fn send(
 impl Connection {
     /// Handles one client frame; returns the frames to send back at once.
     async fn handle(&mut self, text: &str) -> Vec<ServerFrame> {
-        let frame = match parse(text) {
+        let frame = match crate::protocol::parse_client_frame(text) {
             Ok(frame) => frame,
             Err(error) => return vec![error],
         };
@@ -501,47 +501,4 @@ fn generation_error(code: &str, message: &str, generation_id: &str) -> ServerFra
         generation_id: Some(generation_id.to_owned()),
         client_message_id: None,
     }
-}
-
-/// Parses a client frame, or the typed error that answers it.
-fn parse(text: &str) -> Result<ClientFrame, ServerFrame> {
-    const KNOWN: [&str; 7] = [
-        "send",
-        "cancel",
-        "resume",
-        "subscribe",
-        "unsubscribe",
-        "typing",
-        "ping",
-    ];
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|err| ServerFrame::error("invalid_json", format!("not JSON: {err}"), false))?;
-    let kind = value
-        .get("type")
-        .and_then(serde_json::Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| {
-            ServerFrame::error(
-                "invalid_frame",
-                "a frame is a JSON object with a string 'type'",
-                false,
-            )
-        })?;
-    if !KNOWN.contains(&kind.as_str()) {
-        return Err(ServerFrame::error(
-            "unknown_frame_type",
-            format!(
-                "unknown frame type '{}'",
-                kind.chars().take(64).collect::<String>()
-            ),
-            false,
-        ));
-    }
-    serde_json::from_value(value).map_err(|err| {
-        ServerFrame::error(
-            "invalid_frame",
-            format!("invalid '{kind}' frame: {err}"),
-            false,
-        )
-    })
 }
