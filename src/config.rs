@@ -58,6 +58,10 @@ pub struct Config {
     pub chat: ChatConfig,
     /// Several instances as one, through Redis.
     pub cluster: ClusterConfig,
+    /// Who may call: API keys, JWTs, widget keys.
+    pub auth: AuthConfig,
+    /// Rate limits, concurrency caps and token quotas.
+    pub limits: LimitsConfig,
     /// Upstreams, referenced by name from `models`.
     pub providers: Vec<ProviderConfig>,
     /// Model names clients may ask for, each mapped to provider targets.
@@ -77,6 +81,8 @@ impl Default for Config {
             store: StoreConfig::default(),
             chat: ChatConfig::default(),
             cluster: ClusterConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
             providers: vec![ProviderConfig {
                 name: "mock".into(),
                 kind: ProviderKind::Mock,
@@ -416,6 +422,229 @@ impl Default for ClusterConfig {
             command_timeout_ms: 1_000,
             max_followers: 10_000,
             ready_requires_redis: true,
+        }
+    }
+}
+
+/// `[auth]`: credentials. Off (the default), the gateway runs in
+/// development mode: the user is named by `X-Spillway-User` (or `?user=`)
+/// and nothing is checked. On, every request needs an API key, a JWT from
+/// the customer's backend, or a visitor token obtained with a widget key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Require credentials.
+    pub enabled: bool,
+    /// The tenant of a JWT user whose token names none.
+    pub default_tenant: String,
+    /// The tier of a principal whose credential names none.
+    pub default_tier: String,
+    /// Seconds of clock skew tolerated on `exp` and `nbf`.
+    pub leeway_secs: u64,
+    /// Seconds between revocation checks of a live WebSocket's credential
+    /// (and reloads of the revocation list).
+    pub recheck_secs: u64,
+    /// Seconds a verified API key is cached (a revocation takes effect
+    /// within this).
+    pub key_cache_secs: u64,
+    /// Header carrying the client's address, set by a trusted proxy (e.g.
+    /// `Fly-Client-IP`); empty: the peer address. Never `X-Forwarded-For`
+    /// unless the proxy overwrites it.
+    pub client_ip_header: String,
+    /// JWTs minted by the customer's backend for its signed-in users.
+    pub jwt: JwtConfig,
+    /// Visitor tokens issued to anonymous widget users.
+    pub visitors: VisitorConfig,
+    /// Public widget keys, each with its allowed origins.
+    pub widgets: Vec<WidgetConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            default_tenant: "default".into(),
+            default_tier: "default".into(),
+            leeway_secs: 30,
+            recheck_secs: 60,
+            key_cache_secs: 10,
+            client_ip_header: String::new(),
+            jwt: JwtConfig::default(),
+            visitors: VisitorConfig::default(),
+            widgets: Vec::new(),
+        }
+    }
+}
+
+/// `[auth.jwt]`: how user tokens are verified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Environment variable holding the HS256 shared secret; empty: HS256
+    /// tokens are refused.
+    pub hs256_secret_env: String,
+    /// PEM files of RS256 / ES256 public keys.
+    pub public_key_files: Vec<String>,
+    /// A JWKS file (`{"keys":[…]}`), matched by `kid`.
+    pub jwks_file: String,
+    /// Required `iss`; empty: not checked.
+    pub issuer: String,
+    /// Required `aud`; empty: not checked.
+    pub audience: String,
+    /// The claim naming the user.
+    pub user_claim: String,
+    /// The claim naming the tenant (absent: `auth.default_tenant`).
+    pub tenant_claim: String,
+    /// The claim naming the tier (absent: `auth.default_tier`).
+    pub tier_claim: String,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            hs256_secret_env: String::new(),
+            public_key_files: Vec::new(),
+            jwks_file: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            user_claim: "sub".into(),
+            tenant_claim: "tenant".into(),
+            tier_claim: "tier".into(),
+        }
+    }
+}
+
+/// `[auth.visitors]`: tokens for anonymous widget visitors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VisitorConfig {
+    /// Environment variable holding the secret that signs visitor tokens
+    /// (at least 32 bytes); unset: widgets cannot be used.
+    pub secret_env: String,
+    /// Seconds a visitor token is valid.
+    pub ttl_secs: u64,
+}
+
+impl Default for VisitorConfig {
+    fn default() -> Self {
+        Self {
+            secret_env: "SPILLWAY_VISITOR_SECRET".into(),
+            ttl_secs: 86_400,
+        }
+    }
+}
+
+/// One `[[auth.widgets]]` entry: a public key embedded in a web page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WidgetConfig {
+    /// The public key (`pk_…`), as embedded in the page.
+    pub key: String,
+    /// The tenant its visitors belong to.
+    pub tenant: String,
+    /// Origins allowed to use it (`https://example.com`); `*` allows any.
+    pub origins: Vec<String>,
+    /// Its visitors' tier; empty: `auth.default_tier`.
+    pub tier: String,
+}
+
+impl Default for WidgetConfig {
+    fn default() -> Self {
+        Self {
+            key: String::new(),
+            tenant: "default".into(),
+            origins: Vec::new(),
+            tier: String::new(),
+        }
+    }
+}
+
+/// `[limits]`: rate limits per principal and per client address,
+/// concurrency caps and daily token quotas, by tier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Apply rate limits and quotas (caps on concurrency always apply).
+    pub enabled: bool,
+    /// Share the budgets across instances through Redis when it is
+    /// configured (falling back to local budgets while it is away).
+    pub cluster_wide: bool,
+    /// Requests per minute from one client address, any route.
+    pub ip_requests_per_minute: u32,
+    /// Seconds between sweeps that forget idle keys.
+    pub housekeeping_secs: u64,
+    /// Tiers; a principal's tier that is not listed gets the first one.
+    pub tiers: Vec<TierConfig>,
+    /// Daily spending alerts per tenant.
+    pub budgets: Vec<BudgetConfig>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cluster_wide: true,
+            ip_requests_per_minute: 1_200,
+            housekeeping_secs: 60,
+            tiers: vec![TierConfig::default()],
+            budgets: Vec::new(),
+        }
+    }
+}
+
+/// One `[[limits.tiers]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TierConfig {
+    /// Its name, as principals carry it.
+    pub name: String,
+    /// HTTP requests per minute per principal.
+    pub requests_per_minute: u32,
+    /// Messages sent (native protocol) and completions (OpenAI endpoint)
+    /// per minute per principal.
+    pub messages_per_minute: u32,
+    /// New WebSocket / SSE connections per minute per principal.
+    pub connections_per_minute: u32,
+    /// Connections open at once per user.
+    pub max_connections_per_user: usize,
+    /// Connections open at once per tenant.
+    pub max_connections_per_tenant: usize,
+    /// Tokens (prompt + completion) per user per UTC day; 0: unlimited.
+    pub daily_tokens: u64,
+}
+
+impl Default for TierConfig {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            requests_per_minute: 600,
+            messages_per_minute: 60,
+            connections_per_minute: 60,
+            max_connections_per_user: 16,
+            max_connections_per_tenant: 10_000,
+            daily_tokens: 0,
+        }
+    }
+}
+
+/// One `[[limits.budgets]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// The tenant.
+    pub tenant: String,
+    /// US dollars per UTC day.
+    pub daily_usd: f64,
+    /// Fraction of the budget at which to alert (log + metric).
+    pub alert_at: f64,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            tenant: String::new(),
+            daily_usd: 0.0,
+            alert_at: 0.8,
         }
     }
 }
@@ -783,6 +1012,102 @@ impl Config {
                 &self.server.heartbeat_secs,
                 "must be between 1 and 15 (proxies cut streams idle for longer)",
             ));
+        }
+        let auth = &self.auth;
+        if auth.default_tenant.is_empty() {
+            return Err(invalid("auth.default_tenant", &"", "must not be empty"));
+        }
+        for (key, value) in [
+            ("auth.recheck_secs", auth.recheck_secs),
+            ("auth.visitors.ttl_secs", auth.visitors.ttl_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, &0, "must be at least 1"));
+            }
+        }
+        let mut widget_keys = std::collections::HashSet::new();
+        for (i, widget) in auth.widgets.iter().enumerate() {
+            if !widget.key.starts_with("pk_") || widget.key.len() < 8 {
+                return Err(invalid(
+                    &format!("auth.widgets[{i}].key"),
+                    &widget.key,
+                    "must start with 'pk_' and be at least 8 characters",
+                ));
+            }
+            if !widget_keys.insert(widget.key.as_str()) {
+                return Err(invalid(
+                    &format!("auth.widgets[{i}].key"),
+                    &widget.key,
+                    "is listed twice",
+                ));
+            }
+            if widget.tenant.is_empty() {
+                return Err(invalid(
+                    &format!("auth.widgets[{i}].tenant"),
+                    &"",
+                    "must not be empty",
+                ));
+            }
+            for (j, origin) in widget.origins.iter().enumerate() {
+                let valid = origin == "*"
+                    || ((origin.starts_with("https://") || origin.starts_with("http://"))
+                        && !origin.ends_with('/')
+                        && !origin[origin.find("://").map_or(0, |p| p + 3)..].contains('/'));
+                if !valid {
+                    return Err(invalid(
+                        &format!("auth.widgets[{i}].origins[{j}]"),
+                        origin,
+                        "must be an origin (scheme://host[:port], no path) or '*'",
+                    ));
+                }
+            }
+        }
+        let limits = &self.limits;
+        if limits.tiers.is_empty() {
+            return Err(invalid("limits.tiers", &"[]", "must list at least one tier"));
+        }
+        let mut tier_names = std::collections::HashSet::new();
+        for (i, tier) in limits.tiers.iter().enumerate() {
+            if tier.name.is_empty() || !tier_names.insert(tier.name.as_str()) {
+                return Err(invalid(
+                    &format!("limits.tiers[{i}].name"),
+                    &tier.name,
+                    "must be non-empty and unique",
+                ));
+            }
+            for (field, value) in [
+                ("requests_per_minute", tier.requests_per_minute),
+                ("messages_per_minute", tier.messages_per_minute),
+                ("connections_per_minute", tier.connections_per_minute),
+            ] {
+                if value == 0 {
+                    return Err(invalid(
+                        &format!("limits.tiers[{i}].{field}"),
+                        &0,
+                        "must be at least 1",
+                    ));
+                }
+            }
+        }
+        if limits.ip_requests_per_minute == 0 || limits.housekeeping_secs == 0 {
+            return Err(invalid(
+                "limits.ip_requests_per_minute",
+                &limits.ip_requests_per_minute,
+                "limits.ip_requests_per_minute and limits.housekeeping_secs must be at least 1",
+            ));
+        }
+        for (i, budget) in limits.budgets.iter().enumerate() {
+            let valid = budget.daily_usd.is_finite()
+                && budget.daily_usd > 0.0
+                && budget.alert_at > 0.0
+                && budget.alert_at <= 1.0;
+            if !valid {
+                return Err(invalid(
+                    &format!("limits.budgets[{i}]"),
+                    &budget.daily_usd,
+                    "daily_usd must be positive and alert_at in (0, 1]",
+                ));
+            }
         }
         let cluster = &self.cluster;
         for (key, value) in [

@@ -38,6 +38,8 @@ fn the_example_file_is_valid_and_matches_the_defaults() {
     assert_eq!(example.breaker, defaults.breaker);
     assert_eq!(example.store, defaults.store);
     assert_eq!(example.cluster, defaults.cluster);
+    assert_eq!(example.auth, defaults.auth);
+    assert_eq!(example.limits, defaults.limits);
     assert_eq!(example.chat, defaults.chat);
     assert_eq!(example.providers[0], defaults.providers[0]);
     assert_eq!(example.models.len(), 4);

@@ -32,18 +32,32 @@ pub struct Migration {
 }
 
 /// The SQLite migrations, oldest first.
-pub const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../../migrations/sqlite/0001_init.sql"),
-}];
+pub const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../../migrations/sqlite/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "keys",
+        sql: include_str!("../../migrations/sqlite/0002_keys.sql"),
+    },
+];
 
 /// The PostgreSQL migrations, oldest first.
-pub const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../../migrations/postgres/0001_init.sql"),
-}];
+pub const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../../migrations/postgres/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "keys",
+        sql: include_str!("../../migrations/postgres/0002_keys.sql"),
+    },
+];
 
 /// Taken first in every PostgreSQL migration transaction, so concurrent
 /// starts apply each migration once. The key is the ASCII bytes of

@@ -58,6 +58,27 @@ pub struct ConversationRow {
     pub updated_at: i64,
 }
 
+/// An API key as stored: never its secret, only the secret's hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyRow {
+    /// The public part of the key (`sk_spl_<id>_…`).
+    pub id: String,
+    /// The tenant the key acts for.
+    pub tenant_id: String,
+    /// A label for operators.
+    pub name: String,
+    /// SHA-256 of the secret part, hex.
+    pub secret_hash: String,
+    /// Space-separated scopes.
+    pub scopes: String,
+    /// The rate-limit tier.
+    pub tier: String,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms, once revoked.
+    pub revoked_at: Option<i64>,
+}
+
 /// How a stored message ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -329,6 +350,33 @@ pub trait Store: Send + Sync + fmt::Debug {
         &'a self,
         tenant_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<UsageDay>, StoreError>>;
+
+    /// Stores a new API key.
+    fn create_api_key<'a>(&'a self, row: &'a ApiKeyRow) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The API key `id`, revoked or not.
+    fn get_api_key<'a>(&'a self, id: &'a str)
+    -> BoxFuture<'a, Result<Option<ApiKeyRow>, StoreError>>;
+
+    /// API keys, of one tenant or of all, by id.
+    fn list_api_keys<'a>(
+        &'a self,
+        tenant_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<ApiKeyRow>, StoreError>>;
+
+    /// Revokes API key `id`; false when there is no such key (revoking a
+    /// revoked key keeps its first revocation time and answers true).
+    fn revoke_api_key<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Revokes the JWT with `jti` until `expires_at` (Unix ms).
+    fn revoke_token<'a>(
+        &'a self,
+        jti: &'a str,
+        expires_at: i64,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The `jti`s revoked and not yet expired.
+    fn revoked_tokens(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
 }
 
 /// Opens the store `config.database_url` names (`sqlite://…` or

@@ -55,6 +55,10 @@ pub(super) const MESSAGE_COLUMNS: &str = "id, conversation_id, tenant_id, user_i
      status, model, provider, prompt_tokens, completion_tokens, cost_usd, usage_estimated, \
      client_message_id, generation_id, created_at";
 
+/// The columns of an [`ApiKeyRow`](super::ApiKeyRow).
+pub(super) const API_KEY_COLUMNS: &str =
+    "id, tenant_id, name, secret_hash, scopes, tier, created_at, revoked_at";
+
 /// The columns of a [`UsageDay`](super::UsageDay).
 pub(super) const USAGE_COLUMNS: &str = "day, tenant_id, user_id, model, provider, messages, \
      prompt_tokens, completion_tokens, cost_usd";
@@ -197,8 +201,8 @@ macro_rules! sql_store {
             use $crate::store::migrations;
             use $crate::store::sql::{self, Dialect};
             use $crate::store::{
-                ConversationRow, Deleted, MessageRow, MessageStatus, Owner, Page, PageRequest,
-                Record, Store, StoreError, UsageDay, UserExport, now_ms, utc_day,
+                ApiKeyRow, ConversationRow, Deleted, MessageRow, MessageStatus, Owner, Page,
+                PageRequest, Record, Store, StoreError, UsageDay, UserExport, now_ms, utc_day,
             };
 
             impl $store {
@@ -374,6 +378,19 @@ macro_rules! sql_store {
                         generation_id: row.try_get("generation_id")?,
                         created_at: row.try_get("created_at")?,
                         id,
+                    })
+                }
+
+                fn api_key_from(row: &<$db as sqlx::Database>::Row) -> Result<ApiKeyRow, StoreError> {
+                    Ok(ApiKeyRow {
+                        id: row.try_get("id")?,
+                        tenant_id: row.try_get("tenant_id")?,
+                        name: row.try_get("name")?,
+                        secret_hash: row.try_get("secret_hash")?,
+                        scopes: row.try_get("scopes")?,
+                        tier: row.try_get("tier")?,
+                        created_at: row.try_get("created_at")?,
+                        revoked_at: row.try_get("revoked_at")?,
                     })
                 }
 
@@ -709,6 +726,116 @@ macro_rules! sql_store {
                             .fetch_all(&self.pool)
                             .await?;
                         rows.iter().map(Self::usage_from).collect()
+                    })
+                }
+
+                fn create_api_key<'a>(
+                    &'a self,
+                    row: &'a ApiKeyRow,
+                ) -> BoxFuture<'a, Result<(), StoreError>> {
+                    Box::pin(async move {
+                        sqlx::query(
+                            "INSERT INTO api_keys (id, tenant_id, name, secret_hash, scopes, \
+                             tier, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        )
+                        .bind(&row.id)
+                        .bind(&row.tenant_id)
+                        .bind(&row.name)
+                        .bind(&row.secret_hash)
+                        .bind(&row.scopes)
+                        .bind(&row.tier)
+                        .bind(row.created_at)
+                        .bind(row.revoked_at)
+                        .execute(&self.pool)
+                        .await?;
+                        Ok(())
+                    })
+                }
+
+                fn get_api_key<'a>(
+                    &'a self,
+                    id: &'a str,
+                ) -> BoxFuture<'a, Result<Option<ApiKeyRow>, StoreError>> {
+                    Box::pin(async move {
+                        let text = format!("SELECT {} FROM api_keys WHERE id = $1", sql::API_KEY_COLUMNS);
+                        let row = sqlx::query(&text).bind(id).fetch_optional(&self.pool).await?;
+                        row.as_ref().map(Self::api_key_from).transpose()
+                    })
+                }
+
+                fn list_api_keys<'a>(
+                    &'a self,
+                    tenant_id: Option<&'a str>,
+                ) -> BoxFuture<'a, Result<Vec<ApiKeyRow>, StoreError>> {
+                    Box::pin(async move {
+                        let rows = match tenant_id {
+                            Some(tenant_id) => {
+                                let text = format!(
+                                    "SELECT {} FROM api_keys WHERE tenant_id = $1 ORDER BY id",
+                                    sql::API_KEY_COLUMNS
+                                );
+                                sqlx::query(&text).bind(tenant_id).fetch_all(&self.pool).await?
+                            }
+                            None => {
+                                let text = format!(
+                                    "SELECT {} FROM api_keys ORDER BY tenant_id, id",
+                                    sql::API_KEY_COLUMNS
+                                );
+                                sqlx::query(&text).fetch_all(&self.pool).await?
+                            }
+                        };
+                        rows.iter().map(Self::api_key_from).collect()
+                    })
+                }
+
+                fn revoke_api_key<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+                    Box::pin(async move {
+                        let done = sqlx::query(
+                            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1",
+                        )
+                        .bind(id)
+                        .bind(now_ms())
+                        .execute(&self.pool)
+                        .await?;
+                        Ok(done.rows_affected() > 0)
+                    })
+                }
+
+                fn revoke_token<'a>(
+                    &'a self,
+                    jti: &'a str,
+                    expires_at: i64,
+                ) -> BoxFuture<'a, Result<(), StoreError>> {
+                    Box::pin(async move {
+                        let now = now_ms();
+                        sqlx::query("DELETE FROM revoked_tokens WHERE expires_at < $1")
+                            .bind(now)
+                            .execute(&self.pool)
+                            .await?;
+                        sqlx::query(
+                            "INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
+                             VALUES ($1, $2, $3) ON CONFLICT (jti) DO UPDATE SET \
+                             expires_at = CASE WHEN excluded.expires_at > revoked_tokens.expires_at \
+                             THEN excluded.expires_at ELSE revoked_tokens.expires_at END",
+                        )
+                        .bind(jti)
+                        .bind(expires_at)
+                        .bind(now)
+                        .execute(&self.pool)
+                        .await?;
+                        Ok(())
+                    })
+                }
+
+                fn revoked_tokens(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+                    Box::pin(async move {
+                        let rows = sqlx::query("SELECT jti FROM revoked_tokens WHERE expires_at >= $1")
+                            .bind(now_ms())
+                            .fetch_all(&self.pool)
+                            .await?;
+                        rows.iter()
+                            .map(|row| row.try_get::<String, _>("jti").map_err(StoreError::from))
+                            .collect()
                     })
                 }
             }
