@@ -1064,7 +1064,11 @@ impl Config {
         }
         let limits = &self.limits;
         if limits.tiers.is_empty() {
-            return Err(invalid("limits.tiers", &"[]", "must list at least one tier"));
+            return Err(invalid(
+                "limits.tiers",
+                &"[]",
+                "must list at least one tier",
+            ));
         }
         let mut tier_names = std::collections::HashSet::new();
         for (i, tier) in limits.tiers.iter().enumerate() {

@@ -14,6 +14,8 @@
 //!   OpenAI-compatible API in `http/openai.rs`, static assets);
 //! - [`error`]: `ApiError`, the edge type every handler returns;
 //! - [`protocol`]: the native wire protocol's frames (WebSocket and SSE);
+//! - [`auth`]: who is calling: API keys, JWTs, widget visitor tokens →
+//!   a `Principal`;
 //! - [`chat`]: conversations live: rooms, members, presence, typing,
 //!   sessions, sends and the replies they start;
 //! - [`cluster`]: the bus to other instances: in-process (one instance) or
@@ -33,6 +35,7 @@
 //! - [`telemetry`]: tracing setup;
 //! - [`shutdown`]: the signal that starts a graceful drain.
 
+pub mod auth;
 pub mod chat;
 pub mod cluster;
 pub mod config;

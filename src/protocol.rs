@@ -68,6 +68,12 @@ pub enum ClientFrame {
         #[serde(default)]
         id: Option<Value>,
     },
+    /// A fresh token for the same user (before the current one expires),
+    /// so the connection need not drop; answered with `authenticated`.
+    Auth {
+        /// The new bearer token.
+        token: String,
+    },
 }
 
 fn yes() -> bool {
@@ -253,6 +259,12 @@ pub enum ServerFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<Value>,
     },
+    /// Answer to `auth`: the connection now runs on the new token.
+    Authenticated {
+        /// When it expires (Unix seconds), if it does.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
+    },
 }
 
 impl ServerFrame {
@@ -284,6 +296,7 @@ impl ServerFrame {
             Self::Presence { .. } => "presence",
             Self::Typing { .. } => "typing",
             Self::Pong { .. } => "pong",
+            Self::Authenticated { .. } => "authenticated",
         }
     }
 
@@ -312,12 +325,17 @@ pub mod close {
     pub const RECONNECT: u16 = 4001;
     /// Not authenticated.
     pub const UNAUTHORIZED: u16 = 4401;
+    /// The credential is valid but may not be used here (a widget's
+    /// visitor from an origin the widget does not allow).
+    pub const FORBIDDEN: u16 = 4403;
+    /// The server cannot check credentials now: retry later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// Parses a client frame (a WebSocket text message), or the typed error
 /// frame that answers it. Never panics, whatever the input.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, ServerFrame> {
-    const KNOWN: [&str; 7] = [
+    const KNOWN: [&str; 8] = [
         "send",
         "cancel",
         "resume",
@@ -325,6 +343,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, ServerFrame> {
         "unsubscribe",
         "typing",
         "ping",
+        "auth",
     ];
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|err| ServerFrame::error("invalid_json", format!("not JSON: {err}"), false))?;

@@ -1,5 +1,10 @@
 -- API keys (server-to-server credentials) and revoked JWTs.
 
+-- 0001 created a placeholder `api_keys` table that nothing ever wrote:
+-- replaced by this one.
+DROP INDEX IF EXISTS api_keys_prefix;
+DROP TABLE IF EXISTS api_keys;
+
 -- A key is shown once, at creation; only the SHA-256 of its secret part is
 -- kept. `scopes` is space-separated.
 CREATE TABLE api_keys (

@@ -33,26 +33,25 @@ const MAX_TITLE_CHARS: usize = 200;
 /// Largest metadata object, serialized.
 const MAX_METADATA_BYTES: usize = 16 * 1024;
 
-/// The requesting user (development mode: `X-Spillway-User`).
+/// The requesting user, proven by the request's credentials
+/// (`crate::auth`; development mode: `X-Spillway-User`).
 #[derive(Debug, Clone)]
 pub struct User(pub Owner);
 
-impl<S: Send + Sync> FromRequestParts<S> for User {
+impl FromRequestParts<Arc<Gateway>> for User {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        match super::dev_owner(&parts.headers) {
-            Some(owner) => Ok(Self(owner)),
-            None => {
-                let id = RequestId::from_request_parts(parts, _state)
+    async fn from_request_parts(
+        parts: &mut Parts,
+        gateway: &Arc<Gateway>,
+    ) -> Result<Self, Self::Rejection> {
+        let credentials = crate::auth::Credentials::headers(&parts.headers);
+        match super::principal(gateway, credentials).await {
+            Ok(principal) => Ok(Self(principal.owner())),
+            Err(err) => {
+                let id = RequestId::from_request_parts(parts, gateway)
                     .await
                     .map_or_else(|e| match e {}, |r| r.0);
-                let mut err = ApiError::invalid_request(
-                    "missing_user",
-                    "Name the user with the X-Spillway-User header (development mode)",
-                );
-                err.status = StatusCode::UNAUTHORIZED;
-                err.kind = "authentication_error";
                 Err(err.with_request_id(&id).into_response())
             }
         }

@@ -9,6 +9,7 @@ pub mod assets;
 pub mod conversations;
 pub mod openai;
 pub mod sse;
+pub mod widget;
 pub mod ws;
 
 use std::future::Future;
@@ -62,6 +63,8 @@ pub struct Gateway {
     pub bus: Arc<dyn crate::cluster::Bus>,
     /// Live WebSocket connections.
     pub connections: ws::Connections,
+    /// Who may call.
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 /// Why the gateway could not start.
@@ -76,6 +79,9 @@ pub enum StartError {
     /// The persister's journal could not be opened.
     #[error(transparent)]
     Persister(#[from] PersistError),
+    /// The credentials configuration cannot be used.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::SetupError),
 }
 
 impl Gateway {
@@ -101,6 +107,8 @@ impl Gateway {
             (None, None, None)
         };
         let generations = Arc::new(registry);
+        let auth = Arc::new(crate::auth::Auth::new(&config, store.clone())?);
+        auth.start().await;
         let bus = crate::cluster::open(&config);
         let chat = Arc::new(crate::chat::Chat::new(
             &config,
@@ -121,6 +129,7 @@ impl Gateway {
             chat,
             bus,
             connections: ws::Connections::default(),
+            auth,
         }))
     }
 
@@ -179,9 +188,14 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/me/export", get(conversations::export))
         .route("/v1/me/generations", get(conversations::active))
         .route("/v1/ws", get(ws::upgrade))
+        .route("/v1/widget/session", post(widget::session))
         .route("/v1/generations/{id}/events", get(sse::events))
         .route("/v1/generations/{id}/cancel", post(sse::cancel))
         .fallback(no_route)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&gateway),
+            edge_headers,
+        ))
         .with_state(gateway)
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
@@ -306,6 +320,91 @@ async fn readyz(axum::extract::State(gateway): axum::extract::State<Arc<Gateway>
     (status, axum::Json(body)).into_response()
 }
 
+/// Headers every response carries, and CORS: a browser page may call from
+/// an origin one of the widgets allows (any origin in development mode).
+/// Preflight requests are answered here.
+async fn edge_headers(
+    axum::extract::State(gateway): axum::extract::State<Arc<Gateway>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use http::header::{self, HeaderValue};
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let allowed = origin
+        .as_ref()
+        .and_then(|o| o.to_str().ok())
+        .is_some_and(|o| !gateway.auth.enabled() || gateway.auth.cors_origin_allowed(o));
+    let preflight = request.method() == http::Method::OPTIONS
+        && request
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut response = if preflight {
+        let status = if allowed {
+            http::StatusCode::NO_CONTENT
+        } else {
+            http::StatusCode::FORBIDDEN
+        };
+        let mut response = status.into_response();
+        if allowed {
+            let headers = response.headers_mut();
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST, PATCH, DELETE"),
+            );
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static(
+                    "authorization, content-type, last-event-id, x-request-id, x-spillway-user",
+                ),
+            );
+            headers.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("600"),
+            );
+        }
+        response
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    if let Some(origin) = origin.filter(|_| allowed) {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(
+                "x-request-id, retry-after, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset",
+            ),
+        );
+    }
+    headers.append(header::VARY, HeaderValue::from_static("origin"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("strict-origin-when-cross-origin"),
+    );
+    if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
+        // The API answers JSON and event streams: nothing to load, nowhere
+        // to be framed. Pages (the demo, the embed) set their own.
+        let html = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/html"));
+        let policy = if html {
+            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'self'"
+        } else {
+            "default-src 'none'; frame-ancestors 'none'"
+        };
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(policy),
+        );
+    }
+    response
+}
+
 async fn no_route(RequestId(id): RequestId, OriginalUri(uri): OriginalUri) -> Response {
     ApiError::no_route(uri.path())
         .with_request_id(&id)
@@ -367,6 +466,29 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
         )
     })?;
     Ok(value)
+}
+
+/// The caller, proven by `credentials`, allowed to chat; every refusal is a
+/// typed 401/403 (development mode without a user: `missing_user`).
+pub(crate) async fn principal(
+    gateway: &Gateway,
+    credentials: crate::auth::Credentials<'_>,
+) -> Result<crate::auth::Principal, ApiError> {
+    use crate::auth::AuthError;
+    match gateway.auth.authenticate(&credentials).await {
+        Ok(principal) if principal.has_scope("chat") => Ok(principal),
+        Ok(_) => Err(AuthError::Forbidden.api()),
+        Err(AuthError::Missing) if !gateway.auth.enabled() => {
+            let mut err = ApiError::invalid_request(
+                "missing_user",
+                "Name the user with X-Spillway-User (or ?user=) in development mode",
+            );
+            err.status = http::StatusCode::UNAUTHORIZED;
+            err.kind = "authentication_error";
+            Err(err)
+        }
+        Err(err) => Err(err.api()),
+    }
 }
 
 /// The header naming the user in development mode (until authentication is

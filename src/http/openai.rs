@@ -65,7 +65,15 @@ async fn complete(
     request: Request,
 ) -> Result<Response, ApiError> {
     let limit = gateway.config.server.max_body_bytes;
-    let owner = super::dev_owner(request.headers());
+    // Development mode: anyone may call, and `X-Spillway-User` (if any)
+    // names whose history a persisted exchange goes to. With credentials
+    // required, the principal is that owner.
+    let owner = if gateway.auth.enabled() {
+        let credentials = crate::auth::Credentials::headers(request.headers());
+        Some(super::principal(&gateway, credentials).await?.owner())
+    } else {
+        super::dev_owner(request.headers())
+    };
     let body = super::read_body(request.into_body(), limit).await?;
     let (chat, delivery) = parse_request(&body)?;
 

@@ -42,6 +42,9 @@ use crate::store::Owner;
 pub struct SseQuery {
     #[serde(default)]
     user: Option<String>,
+    /// A bearer token, for `EventSource` (it cannot set headers).
+    #[serde(default)]
+    access_token: Option<String>,
     #[serde(default)]
     from: Option<u64>,
     #[serde(default)]
@@ -68,18 +71,19 @@ fn query(query: Result<Query<SseQuery>, QueryRejection>) -> Result<SseQuery, Api
     })
 }
 
-fn owner(headers: &HeaderMap, query: &SseQuery) -> Result<Owner, ApiError> {
-    super::dev_owner(headers)
-        .or_else(|| query.user.as_deref().and_then(super::owner_named))
-        .ok_or_else(|| {
-            let mut err = ApiError::invalid_request(
-                "missing_user",
-                "Name the user with X-Spillway-User or ?user= (development mode)",
-            );
-            err.status = StatusCode::UNAUTHORIZED;
-            err.kind = "authentication_error";
-            err
-        })
+async fn owner(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    query: &SseQuery,
+) -> Result<Owner, ApiError> {
+    let credentials = crate::auth::Credentials {
+        headers,
+        query_token: query.access_token.as_deref(),
+        query_user: query.user.as_deref(),
+    };
+    super::principal(gateway, credentials)
+        .await
+        .map(|p| p.owner())
 }
 
 fn sse_response(body: impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static) -> Response {
@@ -202,7 +206,7 @@ pub async fn send(
 ) -> Response {
     let result = async {
         let query = self::query(query)?;
-        let owner = owner(request.headers(), &query)?;
+        let owner = owner(&gateway, request.headers(), &query).await?;
         let limit = gateway.config.server.max_body_bytes;
         let body = super::read_body(request.into_body(), limit).await?;
         let body: SendBody = super::parse_json(&body)?;
@@ -269,7 +273,7 @@ pub async fn events(
 ) -> Response {
     let result = async {
         let query = self::query(query)?;
-        let owner = owner(&headers, &query)?;
+        let owner = owner(&gateway, &headers, &query).await?;
         // A header that is not visible ASCII is malformed (400), not
         // absent: ignoring it would silently replay from offset 0.
         let last = headers
@@ -354,7 +358,7 @@ pub async fn cancel(
 ) -> Response {
     let result = async {
         let query = self::query(query)?;
-        let owner = owner(&headers, &query)?;
+        let owner = owner(&gateway, &headers, &query).await?;
         if !gateway.chat.cancel(&owner, &generation_id).await {
             let mut err = ApiError::invalid_request("generation_not_found", "No such generation");
             err.status = StatusCode::NOT_FOUND;

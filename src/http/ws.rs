@@ -24,6 +24,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::Gateway;
+use crate::auth::{AuthError, Principal};
 use crate::chat::{ConnectionId, Outbox, Popped};
 use crate::generation::{Generation, Read};
 use crate::protocol::{ClientFrame, SUBPROTOCOL, ServerFrame, close};
@@ -114,6 +115,9 @@ impl Connections {
 pub struct WsQuery {
     #[serde(default)]
     user: Option<String>,
+    /// A bearer token (browsers cannot set headers on an upgrade).
+    #[serde(default)]
+    access_token: Option<String>,
     #[serde(default)]
     session: Option<String>,
 }
@@ -125,8 +129,18 @@ pub async fn upgrade(
     Query(query): Query<WsQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let owner =
-        super::dev_owner(&headers).or_else(|| query.user.as_deref().and_then(super::owner_named));
+    let credentials = crate::auth::Credentials {
+        headers: &headers,
+        query_token: query.access_token.as_deref(),
+        query_user: query.user.as_deref(),
+    };
+    let principal = gateway.auth.authenticate(&credentials).await.and_then(|p| {
+        if p.has_scope("chat") {
+            Ok(p)
+        } else {
+            Err(crate::auth::AuthError::Forbidden)
+        }
+    });
     let limit = gateway.config.chat.ws_max_message_bytes;
     let session = query.session;
     ws.protocols([SUBPROTOCOL])
@@ -136,17 +150,20 @@ pub async fn upgrade(
         .read_buffer_size(8 * 1024)
         .write_buffer_size(8 * 1024)
         .on_upgrade(move |socket| async move {
-            match owner {
-                Some(owner) => run(gateway, owner, session, socket).await,
-                None => {
+            match principal {
+                Ok(principal) => run(gateway, principal, headers, session, socket).await,
+                Err(err) => {
+                    let reason = if err == AuthError::Missing && !gateway.auth.enabled() {
+                        "name the user (X-Spillway-User or ?user=)"
+                    } else {
+                        err.code()
+                    };
                     let mut socket = socket;
                     drop(
                         socket
                             .send(Message::Close(Some(CloseFrame {
-                                code: close::UNAUTHORIZED,
-                                reason: Utf8Bytes::from_static(
-                                    "name the user (X-Spillway-User or ?user=)",
-                                ),
+                                code: err.close_code(),
+                                reason: Utf8Bytes::from_static(reason),
                             })))
                             .await,
                     );
@@ -167,6 +184,10 @@ enum End {
 struct Connection {
     gateway: Arc<Gateway>,
     owner: Owner,
+    /// Who the credential says this is, and until when.
+    principal: Principal,
+    /// The upgrade request's headers, without its credential.
+    headers: http::HeaderMap,
     id: ConnectionId,
     outbox: Arc<Outbox>,
     stats: Arc<ConnectionStats>,
@@ -179,7 +200,17 @@ struct Connection {
     finish: HashMap<uuid::Uuid, String>,
 }
 
-async fn run(gateway: Arc<Gateway>, owner: Owner, session: Option<String>, socket: WebSocket) {
+async fn run(
+    gateway: Arc<Gateway>,
+    principal: Principal,
+    mut headers: http::HeaderMap,
+    session: Option<String>,
+    socket: WebSocket,
+) {
+    // Kept for in-band token refreshes (the `Origin` a visitor token is
+    // checked against); the credential itself is not kept.
+    headers.remove(http::header::AUTHORIZATION);
+    let owner = principal.owner();
     let chat = &gateway.chat;
     let outbox = Arc::new(Outbox::new(chat.config().outbox_capacity));
     let (id, stats) = gateway.connections.register(&outbox);
@@ -188,6 +219,8 @@ async fn run(gateway: Arc<Gateway>, owner: Owner, session: Option<String>, socke
     let mut connection = Connection {
         gateway: Arc::clone(&gateway),
         owner,
+        principal,
+        headers,
         id,
         outbox: Arc::clone(&outbox),
         stats,
@@ -235,12 +268,23 @@ async fn run(gateway: Arc<Gateway>, owner: Owner, session: Option<String>, socke
     };
     tokio::pin!(lifetime);
     let shutdown = gateway.generations.shutting_down();
+    // The credential is re-checked (revocation) every `auth.recheck_secs`,
+    // and the connection ends when it expires unless an `auth` frame
+    // brought a fresh one.
+    let mut recheck =
+        tokio::time::interval(Duration::from_secs(gateway.auth.config().recheck_secs));
+    recheck.tick().await;
 
     let end = loop {
         let out: Vec<ServerFrame> = tokio::select! {
             biased;
             () = shutdown.cancelled() => break End::Close(close::GOING_AWAY, "server shutting down: reconnect and resume"),
             () = &mut lifetime => break End::Close(close::RECONNECT, "connection lifetime reached: reconnect and resume"),
+            () = expiry(&connection.principal, gateway.auth.config().leeway_secs) => break End::Close(close::UNAUTHORIZED, "token_expired"),
+            _ = recheck.tick() => match gateway.auth.still_valid(&connection.principal).await {
+                Ok(()) | Err(AuthError::Unavailable) => Vec::new(),
+                Err(err) => break End::Close(err.close_code(), err.code()),
+            },
             message = incoming.next() => match message {
                 None | Some(Ok(Message::Close(_))) => break End::Gone,
                 Some(Err(err)) => {
@@ -440,6 +484,33 @@ impl Connection {
                 Err(err) => vec![err.frame(None)],
             },
             ClientFrame::Ping { id } => vec![ServerFrame::Pong { id }],
+            ClientFrame::Auth { token } => self.refresh(&token).await,
+        }
+    }
+
+    /// An in-band token refresh: a valid token of the same user replaces
+    /// the connection's credential.
+    async fn refresh(&mut self, token: &str) -> Vec<ServerFrame> {
+        let credentials = crate::auth::Credentials {
+            headers: &self.headers,
+            query_token: Some(token),
+            query_user: None,
+        };
+        match self.gateway.auth.authenticate(&credentials).await {
+            Ok(principal)
+                if principal.tenant == self.principal.tenant
+                    && principal.user == self.principal.user =>
+            {
+                let expires_at = principal.expires_at;
+                self.principal = principal;
+                vec![ServerFrame::Authenticated { expires_at }]
+            }
+            Ok(_) => vec![ServerFrame::error(
+                "forbidden",
+                "the token is for another user",
+                false,
+            )],
+            Err(err) => vec![ServerFrame::error(err.code(), err.to_string(), false)],
         }
     }
 
@@ -501,4 +572,15 @@ fn generation_error(code: &str, message: &str, generation_id: &str) -> ServerFra
         generation_id: Some(generation_id.to_owned()),
         client_message_id: None,
     }
+}
+
+/// Resolves when `principal`'s credential has expired (past the leeway);
+/// never for one that does not expire.
+async fn expiry(principal: &Principal, leeway_secs: u64) {
+    let Some(expires_at) = principal.expires_at else {
+        return std::future::pending().await;
+    };
+    let deadline_ms = (expires_at + leeway_secs).saturating_mul(1000);
+    let left = deadline_ms.saturating_sub(crate::cluster::now_ms());
+    tokio::time::sleep(Duration::from_millis(left)).await;
 }

@@ -355,8 +355,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn create_api_key<'a>(&'a self, row: &'a ApiKeyRow) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// The API key `id`, revoked or not.
-    fn get_api_key<'a>(&'a self, id: &'a str)
-    -> BoxFuture<'a, Result<Option<ApiKeyRow>, StoreError>>;
+    fn get_api_key<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ApiKeyRow>, StoreError>>;
 
     /// API keys, of one tenant or of all, by id.
     fn list_api_keys<'a>(
