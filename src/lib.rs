@@ -20,6 +20,8 @@
 //!   sessions, sends and the replies they start;
 //! - [`cluster`]: the bus to other instances: in-process (one instance) or
 //!   Redis (fan-out, presence, sessions, replies mirrored and followed);
+//! - [`limits`]: rate limits per principal and client address, connection
+//!   caps, daily token quotas and tenant spending alerts, by tier;
 //! - [`routing`]: model name → provider targets; retries, fail-over,
 //!   continuation of cut replies, timeouts, circuit breakers;
 //! - [`generation`]: the heart: one in-flight reply as an append-only event
@@ -42,6 +44,7 @@ pub mod config;
 pub mod error;
 pub mod generation;
 pub mod http;
+pub mod limits;
 pub mod protocol;
 pub mod provider;
 pub mod routing;

@@ -10,8 +10,8 @@ use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::{
-    Active, Bus, Claim, ClusterError, Health, Inbound, MemberKey, Refreshed, RoomEvent, Session,
-    now_ms,
+    Active, Bus, Claim, ClusterError, Health, Inbound, MemberKey, QuotaCount, QuotaDecision,
+    RateDecision, Refreshed, RoomEvent, Session, now_ms,
 };
 use crate::config::Config;
 use crate::generation::{Generation, GenerationId};
@@ -136,6 +136,48 @@ impl Bus for LocalBus {
 
     fn active<'a>(&'a self, _tenant_id: &'a str, _user_id: &'a str) -> BoxFuture<'a, Vec<Active>> {
         std::future::ready(Vec::new()).boxed()
+    }
+
+    // Shared limits: nobody to share with; `limits/` keeps them locally.
+
+    fn rate_limit<'a>(
+        &'a self,
+        _key: &'a str,
+        _per_minute: u32,
+        _cost: u32,
+    ) -> BoxFuture<'a, Option<RateDecision>> {
+        std::future::ready(None).boxed()
+    }
+
+    fn reserve_quota<'a>(
+        &'a self,
+        _tenant_id: &'a str,
+        _user_id: &'a str,
+        _day: u32,
+        _quota: u64,
+        _estimate: u64,
+    ) -> BoxFuture<'a, Option<QuotaDecision>> {
+        std::future::ready(None).boxed()
+    }
+
+    fn settle_quota<'a>(
+        &'a self,
+        _tenant_id: &'a str,
+        _user_id: &'a str,
+        _day: u32,
+        _estimate: u64,
+        _actual: u64,
+    ) -> BoxFuture<'a, bool> {
+        std::future::ready(false).boxed()
+    }
+
+    fn quota_count<'a>(
+        &'a self,
+        _tenant_id: &'a str,
+        _user_id: &'a str,
+        _day: u32,
+    ) -> BoxFuture<'a, Option<QuotaCount>> {
+        std::future::ready(None).boxed()
     }
 
     fn health(&self) -> Health {

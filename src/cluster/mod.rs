@@ -16,7 +16,9 @@
 //!   top offset, terminal status), written and published by one script; any
 //!   instance can follow it as a replica [`Generation`] that its transports
 //!   read exactly like a local one;
-//! - **idempotent sends** across instances.
+//! - **idempotent sends** across instances;
+//! - **shared limits**: fleet-wide rate budgets (GCRA) and daily token
+//!   counters for `limits/`.
 //!
 //! Redis being away never stops local work: publishing is a bounded queue
 //! drained by one task, every command has a timeout, and what was missed is
@@ -30,6 +32,7 @@ mod wire;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -183,6 +186,37 @@ pub enum ClusterError {
     Busy(usize),
 }
 
+/// A fleet-wide rate-limit decision: GCRA in Redis, on Redis's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateDecision {
+    /// Whether the cells conform (and were counted).
+    pub allowed: bool,
+    /// Further cells the budget admits now.
+    pub remaining: u32,
+    /// Refused: how long until the cells would conform.
+    pub retry_after: Duration,
+    /// How long until the whole budget is available again.
+    pub reset: Duration,
+}
+
+/// A user's token counter for one UTC day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaCount {
+    /// Settled tokens.
+    pub used: u64,
+    /// Tokens reserved by replies in flight.
+    pub reserved: u64,
+}
+
+/// A reservation against a shared daily token counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaDecision {
+    /// Whether it was admitted (and counted as reserved).
+    pub admitted: bool,
+    /// The counter afterwards (as found, when refused).
+    pub count: QuotaCount,
+}
+
 /// The bus's health, for `/readyz` and metrics.
 #[derive(Debug, Clone, Serialize)]
 pub struct Health {
@@ -284,6 +318,50 @@ pub trait Bus: Send + Sync + fmt::Debug {
 
     /// Replies of a user running on other instances.
     fn active<'a>(&'a self, tenant_id: &'a str, user_id: &'a str) -> BoxFuture<'a, Vec<Active>>;
+
+    /// Counts `cost` cells against the fleet-wide budget `key` of
+    /// `per_minute` (a burst of `per_minute`, replenishing evenly); `None`
+    /// when the bus cannot decide (local, or Redis away): the caller then
+    /// enforces its local budget alone.
+    fn rate_limit<'a>(
+        &'a self,
+        key: &'a str,
+        per_minute: u32,
+        cost: u32,
+    ) -> BoxFuture<'a, Option<RateDecision>>;
+
+    /// Reserves `estimate` tokens of `user`'s shared `quota` for `day`
+    /// (`yyyymmdd`) under the rule of `limits::quota::admits`; `None` when
+    /// the bus cannot decide.
+    fn reserve_quota<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        user_id: &'a str,
+        day: u32,
+        quota: u64,
+        estimate: u64,
+    ) -> BoxFuture<'a, Option<QuotaDecision>>;
+
+    /// Replaces a reservation of `estimate` made with [`reserve_quota`]
+    /// by the `actual` usage; false when Redis did not take it.
+    ///
+    /// [`reserve_quota`]: Self::reserve_quota
+    fn settle_quota<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        user_id: &'a str,
+        day: u32,
+        estimate: u64,
+        actual: u64,
+    ) -> BoxFuture<'a, bool>;
+
+    /// `user`'s shared counter for `day`; `None` when the bus cannot tell.
+    fn quota_count<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        user_id: &'a str,
+        day: u32,
+    ) -> BoxFuture<'a, Option<QuotaCount>>;
 
     /// Health for `/readyz`.
     fn health(&self) -> Health;

@@ -23,6 +23,8 @@
 //! | `spl:{s:<session>}` | string: the session (JSON) | `chat.session_ttl_secs` |
 //! | `spl:{u:<tenant>:<user>}:active` | hash: generation → running reply (JSON) | `stream_ttl_secs` |
 //! | `spl:nodes` | zset `node@epoch` → expiry ms | entries pruned after an hour |
+//! | `spl:{rl:<kind>:<principal>}` | string: GCRA theoretical arrival time (µs, Redis `TIME`) | until the budget is full again |
+//! | `spl:{q:<tenant>:<user>}:<yyyymmdd>` | hash: used, reserved (tokens) | two days |
 //! | `spl:node:<node@epoch>` | pub/sub control channel | — |
 
 use std::collections::{HashMap, HashSet};
@@ -39,8 +41,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::wire::{decode_events, encode_events};
 use super::{
-    Active, Bus, Claim, ClusterError, Health, Inbound, MemberKey, Refreshed, RoomEvent, Session,
-    decode_outcome, encode_outcome, now_ms,
+    Active, Bus, Claim, ClusterError, Health, Inbound, MemberKey, QuotaCount, QuotaDecision,
+    RateDecision, Refreshed, RoomEvent, Session, decode_outcome, encode_outcome, now_ms,
 };
 use crate::config::{ClusterConfig, Config};
 use crate::generation::{Generation, GenerationId, Outcome, PersistTo, ReplicaSpec};
@@ -88,6 +90,69 @@ redis.call('PUBLISH', ARGV[6], '{"first":' .. first .. ',"top":' .. new_top ..
   ',"status":' .. status .. ',"events":' .. ARGV[3] .. '}')
 return new_top
 "#;
+
+/// GCRA for a fleet-wide rate budget, on Redis's clock so every instance
+/// agrees: a burst of ARGV[1] (per minute) cells replenishing one every
+/// `60 s / ARGV[1]` (whole µs, as governor does in ns). Counts ARGV[2]
+/// cells if they conform. Returns `{allowed, remaining, retry µs, reset
+/// µs}`; the key lives until the budget is full again.
+const GCRA: &str = r#"
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local per = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
+local interval = math.floor(60000000 / per)
+local window = interval * per
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if tat == nil or tat < now then tat = now end
+local new_tat = tat + cost * interval
+if new_tat - now > window then
+  return {0, 0, new_tat - now - window, tat - now}
+end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
+  math.floor((new_tat - now) / 1000) + 1000)
+return {1, math.floor((window - (new_tat - now)) / interval), 0, new_tat - now}
+"#;
+
+/// Reserves ARGV[2] tokens of a user's day (quota ARGV[1]) under the rule
+/// of `limits::quota::admits`: refused once the day is spent, or while
+/// reservations in flight leave too little; with none in flight, admitted
+/// while the day is not spent. Returns `{admitted, used, reserved}`.
+const QUOTA_RESERVE: &str = r#"
+local used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
+local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved') or '0')
+local quota = tonumber(ARGV[1])
+local estimate = tonumber(ARGV[2])
+if used >= quota or (reserved > 0 and used + reserved + estimate > quota) then
+  return {0, used, reserved}
+end
+reserved = redis.call('HINCRBY', KEYS[1], 'reserved', estimate)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {1, used, reserved}
+"#;
+
+/// Moves a reservation of ARGV[1] tokens to ARGV[2] used (a reservation
+/// Redis forgot, after a restart, leaves `reserved` at 0, not below).
+const QUOTA_SETTLE: &str = r#"
+local reserved = redis.call('HINCRBY', KEYS[1], 'reserved', 0 - tonumber(ARGV[1]))
+if reserved < 0 then redis.call('HSET', KEYS[1], 'reserved', 0) end
+local used = redis.call('HINCRBY', KEYS[1], 'used', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return used
+"#;
+
+/// Seconds a day's token counter lives: the day, and a margin for
+/// replies that settle after midnight and instances whose clocks differ.
+const QUOTA_TTL_SECS: u64 = 2 * 86_400;
+
+fn rate_key(key: &str) -> String {
+    format!("spl:{{rl:{key}}}")
+}
+
+fn quota_key(tenant_id: &str, user_id: &str, day: u32) -> String {
+    format!("spl:{{q:{tenant_id}:{user_id}}}:{day}")
+}
 
 fn room_channel(conversation_id: &str) -> String {
     format!("spl:{{c:{conversation_id}}}:events")
@@ -900,6 +965,108 @@ impl Bus for RedisBus {
                 .collect();
             active.sort_by(|a, b| a.generation_id.cmp(&b.generation_id));
             active
+        }
+        .boxed()
+    }
+
+    fn rate_limit<'a>(
+        &'a self,
+        key: &'a str,
+        per_minute: u32,
+        cost: u32,
+    ) -> BoxFuture<'a, Option<RateDecision>> {
+        async move {
+            static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+            let shared = &self.shared;
+            let mut conn = shared.conn().filter(|_| shared.is_up())?;
+            let script = SCRIPT.get_or_init(|| redis::Script::new(GCRA));
+            let mut invocation = script.key(rate_key(key));
+            invocation.arg(per_minute.max(1)).arg(cost);
+            let (allowed, remaining, retry_us, reset_us): (i64, i64, i64, i64) =
+                shared.run(invocation.invoke_async(&mut conn)).await?;
+            let micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));
+            Some(RateDecision {
+                allowed: allowed == 1,
+                remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
+                retry_after: micros(retry_us),
+                reset: micros(reset_us),
+            })
+        }
+        .boxed()
+    }
+
+    fn reserve_quota<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        user_id: &'a str,
+        day: u32,
+        quota: u64,
+        estimate: u64,
+    ) -> BoxFuture<'a, Option<QuotaDecision>> {
+        async move {
+            static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+            let shared = &self.shared;
+            let mut conn = shared.conn().filter(|_| shared.is_up())?;
+            let script = SCRIPT.get_or_init(|| redis::Script::new(QUOTA_RESERVE));
+            let mut invocation = script.key(quota_key(tenant_id, user_id, day));
+            invocation.arg(quota).arg(estimate).arg(QUOTA_TTL_SECS);
+            let (admitted, used, reserved): (i64, u64, u64) =
+                shared.run(invocation.invoke_async(&mut conn)).await?;
+            Some(QuotaDecision {
+                admitted: admitted == 1,
+                count: QuotaCount { used, reserved },
+            })
+        }
+        .boxed()
+    }
+
+    fn settle_quota<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        user_id: &'a str,
+        day: u32,
+        estimate: u64,
+        actual: u64,
+    ) -> BoxFuture<'a, bool> {
+        async move {
+            static SCRIPT: OnceLock<redis::Script> = OnceLock::new();
+            let shared = &self.shared;
+            let Some(mut conn) = shared.conn().filter(|_| shared.is_up()) else {
+                return false;
+            };
+            let script = SCRIPT.get_or_init(|| redis::Script::new(QUOTA_SETTLE));
+            let mut invocation = script.key(quota_key(tenant_id, user_id, day));
+            invocation.arg(estimate).arg(actual).arg(QUOTA_TTL_SECS);
+            shared
+                .run(invocation.invoke_async::<u64>(&mut conn))
+                .await
+                .is_some()
+        }
+        .boxed()
+    }
+
+    fn quota_count<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        user_id: &'a str,
+        day: u32,
+    ) -> BoxFuture<'a, Option<QuotaCount>> {
+        async move {
+            let shared = &self.shared;
+            let mut conn = shared.conn().filter(|_| shared.is_up())?;
+            let (used, reserved): (Option<u64>, Option<u64>) = shared
+                .run(
+                    redis::cmd("HMGET")
+                        .arg(quota_key(tenant_id, user_id, day))
+                        .arg("used")
+                        .arg("reserved")
+                        .query_async(&mut conn),
+                )
+                .await?;
+            Some(QuotaCount {
+                used: used.unwrap_or(0),
+                reserved: reserved.unwrap_or(0),
+            })
         }
         .boxed()
     }
