@@ -35,6 +35,8 @@ pub struct ApiError {
     pub retry_after: Option<Duration>,
     /// The request's id (also in the `x-request-id` header).
     pub request_id: Option<String>,
+    /// Extra response headers (`X-RateLimit-*`).
+    pub headers: Vec<(http::HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
@@ -48,6 +50,7 @@ impl ApiError {
             retryable: status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS,
             retry_after: None,
             request_id: None,
+            headers: Vec::new(),
         }
     }
 
@@ -207,6 +210,9 @@ impl From<RegistryError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
+        for (name, value) in &self.headers {
+            response.headers_mut().insert(name.clone(), value.clone());
+        }
         if let Some(after) = self.retry_after {
             let secs = after.as_secs().max(1);
             if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {

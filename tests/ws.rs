@@ -751,6 +751,8 @@ async fn resume_after_disconnects_at_many_points_is_byte_exact() {
     upstream.set_default(openai_stream(&token_refs, PACE));
     let gateway = TestGateway::start_with(config(&upstream, |c| {
         c.generation.grace_secs = 60;
+        // Many reconnects: not what the connection rate limit is about.
+        c.limits.tiers[0].connections_per_minute = 10_000;
         // Small frames, so even a resume far behind takes several frames.
         c.generation.max_frame_bytes = 64;
     }))

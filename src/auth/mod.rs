@@ -584,7 +584,14 @@ impl Auth {
         let mut validation = Validation::new(algorithm);
         validation.leeway = self.config.leeway_secs;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
+        let mut required = vec!["exp"];
+        if !self.config.jwt.audience.is_empty() {
+            required.push("aud");
+        }
+        if !self.config.jwt.issuer.is_empty() {
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
         if self.config.jwt.audience.is_empty() {
             validation.validate_aud = false;
         } else {
@@ -634,7 +641,7 @@ impl Auth {
                 .unwrap_or_else(|| self.config.default_tier.clone()),
             scopes: vec!["chat".into()],
             kind: Kind::User,
-            expires_at: claims.get("exp").and_then(Value::as_u64),
+            expires_at: claims.get("exp").and_then(seconds),
             jti: text("jti"),
         })
     }
@@ -676,7 +683,7 @@ impl Auth {
             tier: self.widget_tier(widget),
             scopes: vec!["chat".into()],
             kind: Kind::Visitor(widget.key.clone()),
-            expires_at: claims.get("exp").and_then(Value::as_u64),
+            expires_at: claims.get("exp").and_then(seconds),
             jti: claims.get("jti").and_then(Value::as_str).map(str::to_owned),
         })
     }
@@ -705,6 +712,7 @@ impl Auth {
         let previous = credentials
             .bearer()
             .and_then(|token| self.visitor_token(token, credentials).ok())
+            .filter(|p| self.check_revoked(p).is_ok())
             .filter(|p| p.kind == Kind::Visitor(widget.key.clone()));
         let user = previous.map_or_else(
             || format!("visitor:{}", uuid::Uuid::new_v4().simple()),
@@ -767,10 +775,22 @@ fn origin_allowed(widget: &WidgetConfig, origin: Option<&str>) -> bool {
     })
 }
 
+/// A NumericDate claim (RFC 7519 allows fractions) in whole seconds.
+fn seconds(value: &Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(|f| f as u64)
+    })
+}
+
 fn classify(err: &jsonwebtoken::errors::Error) -> AuthError {
     use jsonwebtoken::errors::ErrorKind as K;
     match err.kind() {
         K::ExpiredSignature => AuthError::Expired,
+        K::MissingRequiredClaim(claim) if claim == "aud" => AuthError::WrongAudience,
+        K::MissingRequiredClaim(claim) if claim == "iss" => AuthError::WrongIssuer,
         K::ImmatureSignature => AuthError::NotYetValid,
         K::InvalidAudience => AuthError::WrongAudience,
         K::InvalidIssuer => AuthError::WrongIssuer,

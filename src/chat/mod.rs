@@ -76,6 +76,9 @@ pub enum ChatError {
     /// A send with this client message id is still being processed.
     #[error("this message is still being sent; resend it in a moment")]
     InProgress,
+    /// A rate limit or quota refused it.
+    #[error("{0}")]
+    Limited(crate::limits::Limited),
 }
 
 impl ChatError {
@@ -92,6 +95,7 @@ impl ChatError {
             Self::NotStored => "not_stored",
             Self::Unavailable(_) => "unavailable",
             Self::InProgress => "send_in_progress",
+            Self::Limited(limited) => limited.code(),
         }
     }
 
@@ -104,6 +108,7 @@ impl ChatError {
                 | Self::NotStored
                 | Self::Unavailable(_)
                 | Self::InProgress
+                | Self::Limited(_)
         )
     }
 
@@ -122,6 +127,8 @@ impl ChatError {
 /// One connected member of a room.
 #[derive(Debug, Clone)]
 struct Member {
+    /// The user's tenant.
+    tenant_id: String,
     /// Presence is per user.
     user_id: String,
     /// Where the room's events go; `None` for a dropped connection kept
@@ -285,6 +292,8 @@ pub struct Chat {
     catch_up_wait: Duration,
     /// This service, for the tasks it spawns.
     me: OnceLock<Weak<Chat>>,
+    /// Rate limits and token quotas.
+    limits: Arc<crate::limits::Limits>,
     /// The session of each live WebSocket connection.
     sessions: Mutex<HashMap<ConnectionId, Session>>,
 }
@@ -310,6 +319,7 @@ impl Chat {
         generations: Arc<Registry>,
         routes: Arc<Router>,
         bus: Arc<dyn Bus>,
+        limits: Arc<crate::limits::Limits>,
     ) -> Self {
         let default_model = if config.chat.default_model.is_empty() {
             config
@@ -340,6 +350,7 @@ impl Chat {
                 (3 * config.cluster.position_check_ms).max(config.cluster.command_timeout_ms),
             ),
             me: OnceLock::new(),
+            limits,
             sessions: Mutex::new(HashMap::new()),
         }
     }
@@ -526,7 +537,11 @@ impl Chat {
         } else {
             room.members
                 .iter()
-                .find(|(_, m)| m.outbox.is_none() && m.user_id == owner.user_id)
+                .find(|(_, m)| {
+                    m.outbox.is_none()
+                        && m.user_id == owner.user_id
+                        && m.tenant_id == owner.tenant_id
+                })
                 .map(|(ghost, _)| *ghost)
         };
         let presence_id = match ghost.and_then(|ghost| room.members.remove(&ghost)) {
@@ -536,6 +551,7 @@ impl Chat {
         room.members.insert(
             id,
             Member {
+                tenant_id: owner.tenant_id.clone(),
                 user_id: owner.user_id.clone(),
                 outbox: Some(Arc::clone(outbox)),
                 presence_id,
@@ -904,12 +920,13 @@ impl Chat {
     pub async fn send(
         &self,
         connection: Option<(ConnectionId, &Arc<Outbox>)>,
-        owner: &Owner,
+        principal: &crate::auth::Principal,
         conversation_id: &str,
         content: String,
         client_message_id: String,
         model: Option<String>,
     ) -> Result<ServerFrame, ChatError> {
+        let owner = &principal.owner();
         if content.trim().is_empty() {
             return Err(ChatError::Invalid("'content' must not be empty".into()));
         }
@@ -995,8 +1012,31 @@ impl Chat {
                 });
             }
         }
+        // A new message (a resend was answered above): it counts against
+        // the rate limit, and its reply's tokens against the daily quota.
+        self.limits
+            .check(
+                crate::limits::Kind::Message,
+                &principal.limit_key(),
+                &principal.tier,
+            )
+            .await
+            .map_err(ChatError::Limited)?;
         let slot = self.reserve(owner)?;
         let history = self.history(owner, conversation_id).await?;
+        let prompt_chars: usize =
+            history.iter().map(|(_, text)| text.len()).sum::<usize>() + content.len();
+        let mut quota = Unused(Some(
+            self.limits
+                .reserve_tokens(
+                    &principal.tenant,
+                    &principal.user,
+                    &principal.tier,
+                    quota_estimate(prompt_chars, None),
+                )
+                .await
+                .map_err(ChatError::Limited)?,
+        ));
 
         let now = crate::store::now_ms();
         let message = MessageRow {
@@ -1059,6 +1099,14 @@ impl Chat {
         let generation = Arc::clone(subscriber.generation());
         // Other instances resume it from the mirror.
         self.bus.mirror(&generation);
+        if let Some(reservation) = quota.0.take() {
+            meter(
+                reservation,
+                Arc::clone(&generation),
+                Arc::clone(&self.limits),
+                principal.tenant.clone(),
+            );
+        }
         // Members attach their own cursors when they see `reply`.
         drop(subscriber);
         let generation_id = generation.id().to_string();
@@ -1223,7 +1271,9 @@ impl Chat {
         let conversations: Vec<String> = lock(&self.rooms)
             .iter()
             .filter(|(_, room)| {
-                room.members.values().any(|m| m.user_id == owner.user_id)
+                room.members
+                    .values()
+                    .any(|m| m.user_id == owner.user_id && m.tenant_id == owner.tenant_id)
                     || room
                         .replies
                         .iter()
@@ -1458,6 +1508,50 @@ impl ResumeError {
             client_message_id: None,
         }
     }
+}
+
+/// A quota reservation not (yet) handed to a reply: released at zero when
+/// the send fails before the reply starts.
+struct Unused(Option<crate::limits::Reservation>);
+
+impl Drop for Unused {
+    fn drop(&mut self) {
+        if let Some(reservation) = self.0.take() {
+            reservation.settle(0);
+        }
+    }
+}
+
+/// Tokens a reply may use, reserved against the daily quota before it
+/// starts: the prompt (estimated from its characters) plus the completion
+/// limit asked for (or a default).
+pub fn quota_estimate(prompt_chars: usize, max_completion: Option<u64>) -> u64 {
+    /// Completion tokens reserved when the request names no limit.
+    const DEFAULT_COMPLETION: u64 = 1_024;
+    crate::usage::estimate_tokens(prompt_chars) + max_completion.unwrap_or(DEFAULT_COMPLETION)
+}
+
+/// Settles `reservation` with `generation`'s real usage once it ends, and
+/// counts its cost against the tenant's budget.
+pub fn meter(
+    reservation: crate::limits::Reservation,
+    generation: Arc<Generation>,
+    limits: Arc<crate::limits::Limits>,
+    tenant: String,
+) {
+    tokio::spawn(async move {
+        generation.ended().await;
+        match generation.usage() {
+            Some(record) => {
+                reservation.settle(record.usage.total_tokens());
+                if let Some(cost) = record.cost_usd {
+                    limits.record_cost(&tenant, cost);
+                }
+            }
+            // No record: keep the estimate counted.
+            None => drop(reservation),
+        }
+    });
 }
 
 /// A send claimed across instances; released unless the send got as far as

@@ -225,6 +225,8 @@ impl Generation {
                 tracing::error!(generation = %self.id, %err, "could not persist the reply");
             }
         }
+        // The usage is readable by the time anyone sees the end.
+        drop(self.usage.set(record.clone()));
         self.log.end(outcome);
         tracing::info!(
             generation = %self.id,
@@ -241,7 +243,6 @@ impl Generation {
             events = self.len(),
             "generation ended"
         );
-        drop(self.usage.set(record));
     }
 
     /// The assistant message of the ended generation: its whole text (or
@@ -583,6 +584,12 @@ impl Generation {
         let mut progress = self.log.subscribe();
         // The sender lives as long as `self`.
         drop(progress.wait_for(|p| p.len > cursor || p.ended).await);
+    }
+
+    /// Waits until the generation has ended (its usage is then set).
+    pub async fn ended(&self) {
+        let mut progress = self.log.subscribe();
+        drop(progress.wait_for(|p| p.ended).await);
     }
 
     /// Waits until the log holds at least `len` events or has ended; true

@@ -65,6 +65,8 @@ pub struct Gateway {
     pub connections: ws::Connections,
     /// Who may call.
     pub auth: Arc<crate::auth::Auth>,
+    /// Rate limits, caps and quotas.
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 /// Why the gateway could not start.
@@ -110,6 +112,7 @@ impl Gateway {
         let auth = Arc::new(crate::auth::Auth::new(&config, store.clone())?);
         auth.start().await;
         let bus = crate::cluster::open(&config);
+        let limits = crate::limits::Limits::new(&config.limits, Arc::clone(&bus));
         let chat = Arc::new(crate::chat::Chat::new(
             &config,
             store.clone(),
@@ -117,6 +120,7 @@ impl Gateway {
             Arc::clone(&generations),
             Arc::clone(&routes),
             Arc::clone(&bus),
+            Arc::clone(&limits),
         ));
         chat.start();
         Ok(Arc::new(Self {
@@ -130,6 +134,7 @@ impl Gateway {
             bus,
             connections: ws::Connections::default(),
             auth,
+            limits,
         }))
     }
 
@@ -192,6 +197,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/generations/{id}/events", get(sse::events))
         .route("/v1/generations/{id}/cancel", post(sse::cancel))
         .fallback(no_route)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&gateway),
+            client_limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&gateway),
             edge_headers,
@@ -266,6 +275,7 @@ pub async fn serve(
     // Generations have handed over their replies: flush them to the
     // database (what does not make it stays journaled).
     flushed.flush_persister().await;
+    flushed.limits.flush().await;
     // Others see this instance gone at once, not after its heartbeat lapses.
     flushed.bus.leave().await;
     Ok(())
@@ -405,6 +415,43 @@ async fn edge_headers(
     response
 }
 
+/// Requests per minute from one client address (health probes excepted):
+/// a 429 before any other work.
+async fn client_limit(
+    axum::extract::State(gateway): axum::extract::State<Arc<Gateway>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
+    if !probe && let Some(address) = client_address(&gateway, &request) {
+        let checked = gateway
+            .limits
+            .check(crate::limits::Kind::Ip, &address, "")
+            .await;
+        if let Err(limited) = checked {
+            return limited_error(&limited).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// The client's address: the trusted proxy's header when configured
+/// (`auth.client_ip_header`), else the peer's.
+fn client_address(gateway: &Gateway, request: &axum::extract::Request) -> Option<String> {
+    let header = &gateway.auth.config().client_ip_header;
+    if !header.is_empty() {
+        return request
+            .headers()
+            .get(header.as_str())
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().chars().take(64).collect());
+    }
+    request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip().to_string())
+}
+
 async fn no_route(RequestId(id): RequestId, OriginalUri(uri): OriginalUri) -> Response {
     ApiError::no_route(uri.path())
         .with_request_id(&id)
@@ -476,7 +523,18 @@ pub(crate) async fn principal(
 ) -> Result<crate::auth::Principal, ApiError> {
     use crate::auth::AuthError;
     match gateway.auth.authenticate(&credentials).await {
-        Ok(principal) if principal.has_scope("chat") => Ok(principal),
+        Ok(principal) if principal.has_scope("chat") => {
+            gateway
+                .limits
+                .check(
+                    crate::limits::Kind::Request,
+                    &principal.limit_key(),
+                    &principal.tier,
+                )
+                .await
+                .map_err(|limited| limited_error(&limited))?;
+            Ok(principal)
+        }
         Ok(_) => Err(AuthError::Forbidden.api()),
         Err(AuthError::Missing) if !gateway.auth.enabled() => {
             let mut err = ApiError::invalid_request(
@@ -489,6 +547,18 @@ pub(crate) async fn principal(
         }
         Err(err) => Err(err.api()),
     }
+}
+
+/// A rate-limit or quota refusal as a 429 with `Retry-After` and the
+/// `X-RateLimit-*` headers.
+pub(crate) fn limited_error(limited: &crate::limits::Limited) -> ApiError {
+    let mut err = ApiError::invalid_request(limited.code(), limited.to_string());
+    err.status = http::StatusCode::TOO_MANY_REQUESTS;
+    err.kind = "rate_limit_error";
+    err.retryable = true;
+    err.retry_after = limited.retry_after;
+    err.headers = limited.headers();
+    err
 }
 
 /// The header naming the user in development mode (until authentication is

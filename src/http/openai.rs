@@ -68,14 +68,64 @@ async fn complete(
     // Development mode: anyone may call, and `X-Spillway-User` (if any)
     // names whose history a persisted exchange goes to. With credentials
     // required, the principal is that owner.
-    let owner = if gateway.auth.enabled() {
+    let caller = if gateway.auth.enabled() {
         let credentials = crate::auth::Credentials::headers(request.headers());
-        Some(super::principal(&gateway, credentials).await?.owner())
+        Some(super::principal(&gateway, credentials).await?)
     } else {
-        super::dev_owner(request.headers())
+        None
+    };
+    let owner = match &caller {
+        Some(principal) => Some(principal.owner()),
+        None => super::dev_owner(request.headers()),
     };
     let body = super::read_body(request.into_body(), limit).await?;
     let (chat, delivery) = parse_request(&body)?;
+    // Limits count under the principal, or in development mode under the
+    // named user (anonymous calls share one key).
+    let (limit_key, tier, tenant, user) = match (&caller, &owner) {
+        (Some(principal), _) => (
+            principal.limit_key(),
+            principal.tier.clone(),
+            principal.tenant.clone(),
+            principal.user.clone(),
+        ),
+        (None, Some(owner)) => (
+            format!("{}/{}", owner.tenant_id, owner.user_id),
+            gateway.auth.config().default_tier.clone(),
+            owner.tenant_id.clone(),
+            owner.user_id.clone(),
+        ),
+        (None, None) => (
+            "anonymous".to_owned(),
+            gateway.auth.config().default_tier.clone(),
+            super::DEV_TENANT.to_owned(),
+            "anonymous".to_owned(),
+        ),
+    };
+    gateway
+        .limits
+        .check(crate::limits::Kind::Message, &limit_key, &tier)
+        .await
+        .map_err(|limited| super::limited_error(&limited))?;
+    let prompt_chars: usize = chat
+        .messages
+        .iter()
+        .map(crate::provider::Message::text_len)
+        .sum();
+    let max_completion = chat
+        .max_completion_tokens
+        .or(chat.max_tokens)
+        .map(u64::from);
+    let reservation = gateway
+        .limits
+        .reserve_tokens(
+            &tenant,
+            &user,
+            &tier,
+            crate::chat::quota_estimate(prompt_chars, max_completion),
+        )
+        .await
+        .map_err(|limited| super::limited_error(&limited))?;
 
     let route = gateway
         .routes
@@ -95,9 +145,22 @@ async fn complete(
         persist,
     };
     let model = route.name.clone();
-    let mut subscriber = gateway
+    let mut subscriber = match gateway
         .generations
-        .start(&gateway.routes, route, chat, options)?;
+        .start(&gateway.routes, route, chat, options)
+    {
+        Ok(subscriber) => subscriber,
+        Err(err) => {
+            reservation.settle(0);
+            return Err(err.into());
+        }
+    };
+    crate::chat::meter(
+        reservation,
+        Arc::clone(subscriber.generation()),
+        Arc::clone(&gateway.limits),
+        tenant,
+    );
     tracing::info!(
         generation = %subscriber.generation().id(),
         model = %model,

@@ -71,19 +71,25 @@ fn query(query: Result<Query<SseQuery>, QueryRejection>) -> Result<SseQuery, Api
     })
 }
 
-async fn owner(
+async fn caller(
     gateway: &Gateway,
     headers: &HeaderMap,
     query: &SseQuery,
-) -> Result<Owner, ApiError> {
+) -> Result<crate::auth::Principal, ApiError> {
     let credentials = crate::auth::Credentials {
         headers,
         query_token: query.access_token.as_deref(),
         query_user: query.user.as_deref(),
     };
-    super::principal(gateway, credentials)
-        .await
-        .map(|p| p.owner())
+    super::principal(gateway, credentials).await
+}
+
+async fn owner(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    query: &SseQuery,
+) -> Result<Owner, ApiError> {
+    caller(gateway, headers, query).await.map(|p| p.owner())
 }
 
 fn sse_response(body: impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static) -> Response {
@@ -163,10 +169,13 @@ fn stream_reply(
     offset: u64,
     first: Vec<String>,
     heartbeat: Duration,
+    permit: crate::limits::ConnectionPermit,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     let mut reads = crate::chat::reads(generation.subscribe(offset));
     let mut finish = String::new();
     async_stream::stream! {
+        // The connection's slot under the caps, freed when the stream ends.
+        let _permit = permit;
         yield Ok(Bytes::from_static(b": spillway stream open\n\n"));
         for text in first {
             yield Ok(Bytes::from(text));
@@ -206,7 +215,11 @@ pub async fn send(
 ) -> Response {
     let result = async {
         let query = self::query(query)?;
-        let owner = owner(&gateway, request.headers(), &query).await?;
+        let principal = caller(&gateway, request.headers(), &query).await?;
+        let owner = principal.owner();
+        let permit = super::ws::admit(&gateway, &principal)
+            .await
+            .map_err(|limited| super::limited_error(&limited))?;
         let limit = gateway.config.server.max_body_bytes;
         let body = super::read_body(request.into_body(), limit).await?;
         let body: SendBody = super::parse_json(&body)?;
@@ -214,7 +227,7 @@ pub async fn send(
             .chat
             .send(
                 None,
-                &owner,
+                &principal,
                 &conversation_id,
                 body.content,
                 body.client_message_id,
@@ -222,6 +235,9 @@ pub async fn send(
             )
             .await
             .map_err(|err| {
+                if let crate::chat::ChatError::Limited(limited) = &err {
+                    return super::limited_error(limited);
+                }
                 let mut api = ApiError::invalid_request(err.code(), err.to_string());
                 api.status = match err {
                     crate::chat::ChatError::NotFound => StatusCode::NOT_FOUND,
@@ -256,6 +272,7 @@ pub async fn send(
             0,
             vec![event(&ack, None)],
             heartbeat,
+            permit,
         )))
     }
     .await;
@@ -273,7 +290,8 @@ pub async fn events(
 ) -> Response {
     let result = async {
         let query = self::query(query)?;
-        let owner = owner(&gateway, &headers, &query).await?;
+        let principal = caller(&gateway, &headers, &query).await?;
+        let owner = principal.owner();
         // A header that is not visible ASCII is malformed (400), not
         // absent: ignoring it would silently replay from offset 0.
         let last = headers
@@ -323,12 +341,16 @@ pub async fn events(
         if generation.outcome().is_some() && offset >= generation.len() {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
+        let permit = super::ws::admit(&gateway, &principal)
+            .await
+            .map_err(|limited| super::limited_error(&limited))?;
         let heartbeat = gateway.config.server.heartbeat();
         Ok(sse_response(stream_reply(
             generation,
             offset,
             Vec::new(),
             heartbeat,
+            permit,
         )))
     }
     .await;

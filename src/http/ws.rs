@@ -141,6 +141,12 @@ pub async fn upgrade(
             Err(crate::auth::AuthError::Forbidden)
         }
     });
+    // A new connection counts against the principal's rate of new
+    // connections and takes a slot under the per-user and per-tenant caps.
+    let admitted = match &principal {
+        Ok(principal) => admit(&gateway, principal).await.map(Some),
+        Err(_) => Ok(None),
+    };
     let limit = gateway.config.chat.ws_max_message_bytes;
     let session = query.session;
     ws.protocols([SUBPROTOCOL])
@@ -150,9 +156,25 @@ pub async fn upgrade(
         .read_buffer_size(8 * 1024)
         .write_buffer_size(8 * 1024)
         .on_upgrade(move |socket| async move {
-            match principal {
-                Ok(principal) => run(gateway, principal, headers, session, socket).await,
-                Err(err) => {
+            match (principal, admitted) {
+                (Ok(principal), Ok(permit)) => {
+                    run(gateway, principal, headers, session, socket).await;
+                    drop(permit);
+                }
+                (Ok(_), Err(limited)) => {
+                    let mut socket = socket;
+                    let frame = ServerFrame::error(limited.code(), limited.to_string(), true);
+                    drop(socket.send(Message::Text(frame.to_json().into())).await);
+                    drop(
+                        socket
+                            .send(Message::Close(Some(CloseFrame {
+                                code: close::TRY_AGAIN_LATER,
+                                reason: Utf8Bytes::from_static(limited.code()),
+                            })))
+                            .await,
+                    );
+                }
+                (Err(err), _) => {
                     let reason = if err == AuthError::Missing && !gateway.auth.enabled() {
                         "name the user (X-Spillway-User or ?user=)"
                     } else {
@@ -425,7 +447,7 @@ impl Connection {
                 let sent = chat
                     .send(
                         Some((self.id, &self.outbox)),
-                        &self.owner,
+                        &self.principal,
                         &conversation_id,
                         content,
                         client_message_id.clone(),
@@ -583,4 +605,23 @@ async fn expiry(principal: &Principal, leeway_secs: u64) {
     let deadline_ms = (expires_at + leeway_secs).saturating_mul(1000);
     let left = deadline_ms.saturating_sub(crate::cluster::now_ms());
     tokio::time::sleep(Duration::from_millis(left)).await;
+}
+
+/// Admits a new streaming connection of `principal`: its rate of new
+/// connections and the caps on open ones. The permit holds the slot.
+pub(crate) async fn admit(
+    gateway: &Gateway,
+    principal: &Principal,
+) -> Result<crate::limits::ConnectionPermit, crate::limits::Limited> {
+    gateway
+        .limits
+        .check(
+            crate::limits::Kind::Connection,
+            &principal.limit_key(),
+            &principal.tier,
+        )
+        .await?;
+    gateway
+        .limits
+        .connect(&principal.tenant, &principal.user, &principal.tier)
 }

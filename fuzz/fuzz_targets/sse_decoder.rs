@@ -1,0 +1,6 @@
+#![no_main]
+//! See `spillway_fuzz::sse_decoder` for what this target checks.
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| spillway_fuzz::sse_decoder::check(data));
