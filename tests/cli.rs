@@ -262,3 +262,94 @@ async fn migrate_creates_the_schema_and_is_idempotent() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn api_keys_tokens_and_their_secrets_never_reach_the_log_even_at_trace() {
+    let upstream = FakeUpstream::start().await;
+    upstream.set_default(openai_stream(&["ok"], Duration::ZERO));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spillway.toml");
+    let config = format!(
+        "{}\n[store]\ndata_dir = \"{}\"\n\n[auth]\nenabled = true\n\n[auth.jwt]\nhs256_secret_env = \"SPILLWAY_TEST_LOG_JWT_SECRET\"\n",
+        openai_config(&upstream),
+        dir.path().display()
+    );
+    std::fs::write(&path, config).unwrap();
+    let jwt_secret = "jwt-secret-0123456789-abcdefghijklmnop-SECRET";
+    let created = Command::new(BIN)
+        .args(["keys", "create", "--tenant", "acme", "--config"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    let key_secret = key.rsplit('_').next().unwrap().to_owned();
+    assert_eq!(key_secret.len(), 64, "{key}");
+
+    let process = Process::serve(
+        &["--config", path.to_str().unwrap()],
+        &[
+            ("SPILLWAY_TEST_LOG_JWT_SECRET", jwt_secret),
+            ("SPILLWAY_LOG_LEVEL", "trace"),
+        ],
+    )
+    .await;
+    let now = spillway::store::now_ms() / 1000;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({ "sub": "ada", "exp": now + 600, "jti": "log-scan-jti" }),
+        &jsonwebtoken::EncodingKey::from_secret(jwt_secret.as_bytes()),
+    )
+    .unwrap();
+    let wrong_key = format!("sk_spl_0123456789abcdef_{}", "f".repeat(64));
+
+    let mut body = chat_body("gpt-test", false);
+    body["messages"][0]["content"] = "my private question about zebras".into();
+    for credential in [&key, &token, &wrong_key] {
+        let status = client()
+            .post(process.url("/v1/chat/completions"))
+            .bearer_auth(credential)
+            .header("x-spillway-user", "ada")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        let expected = if credential == &wrong_key { 401 } else { 200 };
+        assert_eq!(status, expected, "{credential}");
+    }
+    // A token in the query string (EventSource, WebSocket upgrades).
+    let status = client()
+        .get(process.url(&format!(
+            "/v1/generations/{}/events?access_token={token}",
+            uuid::Uuid::now_v7()
+        )))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(status, 204, "an unknown reply: nothing to resume");
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = process.log.lock().unwrap().clone();
+    assert!(
+        log.contains("generation started"),
+        "the requests were logged: {log}"
+    );
+    for (what, secret) in [
+        ("the API key's secret", key_secret.as_str()),
+        ("the JWT", token.as_str()),
+        ("the JWT's signature", token.rsplit('.').next().unwrap()),
+        ("the HS256 secret", jwt_secret),
+        ("a wrong key's secret", &"f".repeat(64)),
+    ] {
+        assert!(!log.contains(secret), "{what} leaked into the log");
+    }
+    assert!(
+        !log.contains("zebras"),
+        "message content leaked into the log"
+    );
+}
