@@ -107,8 +107,28 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Seconds between SSE comment heartbeats on an idle stream (1–15).
     pub heartbeat_secs: u64,
-    /// Seconds a graceful shutdown waits for streams to finish.
+    /// The drain timeout: seconds a graceful shutdown (SIGTERM) lets
+    /// in-flight replies keep streaming before cancelling them.
     pub shutdown_grace_secs: u64,
+    /// WebSocket connections told to reconnect (close 1012) per batch
+    /// during a drain.
+    pub drain_batch_size: usize,
+    /// Milliseconds between drain batches.
+    pub drain_batch_interval_ms: u64,
+    /// Seconds a client may take to send a request's headers (slowloris).
+    pub header_timeout_secs: u64,
+    /// Seconds a request body may go without a byte arriving.
+    pub body_timeout_secs: u64,
+    /// Largest request head (request line and headers) accepted; larger
+    /// gets 431. At least 8192.
+    pub max_header_bytes: usize,
+    /// Most request headers accepted.
+    pub max_headers: usize,
+    /// Longest request target (path and query) accepted; longer gets 414.
+    pub max_url_bytes: usize,
+    /// A second address serving `/metrics` and `/admin/v1/*` only (and
+    /// then not on `listen`); empty: both are on `listen`.
+    pub admin_listen: String,
 }
 
 impl Default for ServerConfig {
@@ -118,6 +138,14 @@ impl Default for ServerConfig {
             max_body_bytes: 1024 * 1024,
             heartbeat_secs: 15,
             shutdown_grace_secs: 30,
+            drain_batch_size: 500,
+            drain_batch_interval_ms: 100,
+            header_timeout_secs: 10,
+            body_timeout_secs: 30,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_url_bytes: 8 * 1024,
+            admin_listen: String::new(),
         }
     }
 }
@@ -131,6 +159,23 @@ impl ServerConfig {
             value: self.listen.clone(),
             reason: "not a socket address (expected host:port, e.g. 127.0.0.1:8080)".into(),
         })
+    }
+
+    /// The admin address, when one is configured (validated by
+    /// [`Config::validate`]).
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.admin_listen.is_empty() {
+            return Ok(None);
+        }
+        self.admin_listen
+            .parse()
+            .map(Some)
+            .map_err(|_| ConfigError::Invalid {
+                key: "server.admin_listen".into(),
+                origin: Origin::default(),
+                value: self.admin_listen.clone(),
+                reason: "not a socket address (expected host:port, e.g. 127.0.0.1:9090)".into(),
+            })
     }
 
     /// The SSE heartbeat interval.
@@ -487,6 +532,20 @@ pub struct JwtConfig {
     pub public_key_files: Vec<String>,
     /// A JWKS file (`{"keys":[…]}`), matched by `kid`.
     pub jwks_file: String,
+    /// A JWKS URL of the customer's identity provider (https; http only
+    /// for a loopback host), fetched at start and cached; empty: none.
+    pub jwks_url: String,
+    /// Seconds the keys fetched from `jwks_url` are used before they are
+    /// fetched again (the most a key removed there keeps verifying); a
+    /// shorter `Cache-Control: max-age` wins.
+    pub jwks_cache_secs: u64,
+    /// At most one fetch of `jwks_url` per this many seconds for tokens
+    /// the cached keys cannot check (an unknown `kid`), so a flood of
+    /// made-up kids cannot hammer the identity provider; also the retry
+    /// period after a failed fetch and the shortest cache lifetime.
+    pub jwks_refetch_secs: u64,
+    /// Milliseconds one fetch of `jwks_url` may take, body included.
+    pub jwks_timeout_ms: u64,
     /// Required `iss`; empty: not checked.
     pub issuer: String,
     /// Required `aud`; empty: not checked.
@@ -505,11 +564,68 @@ impl Default for JwtConfig {
             hs256_secret_env: String::new(),
             public_key_files: Vec::new(),
             jwks_file: String::new(),
+            jwks_url: String::new(),
+            jwks_cache_secs: 300,
+            jwks_refetch_secs: 30,
+            jwks_timeout_ms: 5_000,
             issuer: String::new(),
             audience: String::new(),
             user_claim: "sub".into(),
             tenant_claim: "tenant".into(),
             tier_claim: "tier".into(),
+        }
+    }
+}
+
+impl JwtConfig {
+    /// Checks the JWKS settings: `jwks_url` is https (http only for a
+    /// loopback host, where nobody can tamper with the keys on the way),
+    /// with no credentials in it; the periods are positive.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, value: &dyn fmt::Display, reason: &str| ConfigError::Invalid {
+            key: key.to_owned(),
+            origin: Origin::default(),
+            value: value.to_string(),
+            reason: reason.to_owned(),
+        };
+        for (key, value) in [
+            ("auth.jwt.jwks_cache_secs", self.jwks_cache_secs),
+            ("auth.jwt.jwks_refetch_secs", self.jwks_refetch_secs),
+            ("auth.jwt.jwks_timeout_ms", self.jwks_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, &0, "must be at least 1"));
+            }
+        }
+        if self.jwks_url.is_empty() {
+            return Ok(());
+        }
+        let key = "auth.jwt.jwks_url";
+        let url = reqwest::Url::parse(&self.jwks_url)
+            .map_err(|err| invalid(key, &self.jwks_url, &format!("not a URL: {err}")))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid(
+                key,
+                &"<redacted>",
+                "must not carry credentials (a JWKS is public)",
+            ));
+        }
+        let host = url.host_str().unwrap_or_default();
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        match url.scheme() {
+            "https" if !host.is_empty() => Ok(()),
+            "http" if loopback => Ok(()),
+            "http" => Err(invalid(
+                key,
+                &self.jwks_url,
+                "must be https (http only for a loopback host: keys fetched in the clear could be swapped on the way)",
+            )),
+            _ => Err(invalid(key, &self.jwks_url, "must be an https:// URL")),
         }
     }
 }
@@ -1003,8 +1119,32 @@ impl Config {
             value: value.to_string(),
             reason: reason.to_owned(),
         };
-        if self.server.max_body_bytes == 0 {
-            return Err(invalid("server.max_body_bytes", &0, "must be at least 1"));
+        self.server.admin_addr()?;
+        let server = &self.server;
+        for (key, value) in [
+            ("server.max_body_bytes", server.max_body_bytes),
+            ("server.drain_batch_size", server.drain_batch_size),
+            ("server.max_headers", server.max_headers),
+            ("server.max_url_bytes", server.max_url_bytes),
+            (
+                "server.header_timeout_secs",
+                usize::try_from(server.header_timeout_secs).unwrap_or(usize::MAX),
+            ),
+            (
+                "server.body_timeout_secs",
+                usize::try_from(server.body_timeout_secs).unwrap_or(usize::MAX),
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, &0, "must be at least 1"));
+            }
+        }
+        if server.max_header_bytes < 8192 {
+            return Err(invalid(
+                "server.max_header_bytes",
+                &server.max_header_bytes,
+                "must be at least 8192",
+            ));
         }
         if !(1..=15).contains(&self.server.heartbeat_secs) {
             return Err(invalid(
@@ -1014,6 +1154,7 @@ impl Config {
             ));
         }
         let auth = &self.auth;
+        auth.jwt.validate()?;
         if auth.default_tenant.is_empty() {
             return Err(invalid("auth.default_tenant", &"", "must not be empty"));
         }

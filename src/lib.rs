@@ -34,6 +34,7 @@
 //! - [`store`]: SQLite / PostgreSQL persistence behind a journaled
 //!   write-behind persister;
 //! - [`config`]: typed TOML + `SPILLWAY_*` environment configuration;
+//! - [`metrics`]: every Prometheus metric, by name and labels;
 //! - [`telemetry`]: tracing setup;
 //! - [`shutdown`]: the signal that starts a graceful drain.
 
@@ -45,6 +46,7 @@ pub mod error;
 pub mod generation;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod protocol;
 pub mod provider;
 pub mod routing;

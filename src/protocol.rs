@@ -319,6 +319,9 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 1013;
     /// The server is shutting down; reconnect (elsewhere) and resume.
     pub const GOING_AWAY: u16 = 1001;
+    /// The instance is draining (a deploy or scale-down): reconnect, to
+    /// another instance, and resume.
+    pub const SERVICE_RESTART: u16 = 1012;
     /// No pong within the timeout.
     pub const PONG_TIMEOUT: u16 = 4000;
     /// The connection reached its maximum lifetime; reconnect and resume.
@@ -330,6 +333,10 @@ pub mod close {
     pub const FORBIDDEN: u16 = 4403;
     /// The server cannot check credentials now: retry later.
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// An operator closed this user's connections (`POST
+    /// /admin/v1/users/{tenant}/{user}/disconnect`); do not reconnect on
+    /// your own.
+    pub const CLOSED_BY_OPERATOR: u16 = 4409;
 }
 
 /// Parses a client frame (a WebSocket text message), or the typed error

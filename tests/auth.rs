@@ -2779,3 +2779,479 @@ secret_env = "{UNSET_VISITOR_ENV}"
     assert_eq!(body["data"][0]["id"], conversation["id"]);
     process.kill().await;
 }
+
+// ------------------------------------------------------------ JWKS URL
+
+/// What the test's JWKS endpoint answers.
+#[derive(Debug, Clone)]
+struct JwksAnswer {
+    status: u16,
+    body: String,
+    cache_control: Option<String>,
+}
+
+impl JwksAnswer {
+    /// A 200 with a key set of `keys`.
+    fn keys(keys: &[Value]) -> Self {
+        Self {
+            status: 200,
+            body: json!({ "keys": keys }).to_string(),
+            cache_control: None,
+        }
+    }
+
+    /// A bare `status` with an empty JSON body.
+    fn status(status: u16) -> Self {
+        Self {
+            status,
+            body: "{}".into(),
+            cache_control: None,
+        }
+    }
+
+    fn cache_control(mut self, value: &str) -> Self {
+        self.cache_control = Some(value.to_owned());
+        self
+    }
+}
+
+#[derive(Debug)]
+struct JwksState {
+    answer: std::sync::Mutex<JwksAnswer>,
+    /// Requests received (fetches by the gateway).
+    fetches: std::sync::atomic::AtomicUsize,
+}
+
+/// The identity provider's JWKS endpoint, on a real loopback socket:
+/// answers every request with the current [`JwksAnswer`], counts them, and
+/// can go down (its port closed, its connections cut).
+#[derive(Debug)]
+struct JwksServer {
+    addr: std::net::SocketAddr,
+    state: std::sync::Arc<JwksState>,
+    /// The accept loop; it owns every connection's task.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    async fn start(answer: JwksAnswer) -> Self {
+        use axum::extract::State;
+        use std::sync::Arc;
+
+        async fn serve(State(state): State<Arc<JwksState>>) -> axum::response::Response {
+            state
+                .fetches
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let answer = state.answer.lock().unwrap().clone();
+            let mut response = axum::response::Response::builder()
+                .status(answer.status)
+                .header("content-type", "application/json");
+            if let Some(value) = &answer.cache_control {
+                response = response.header("cache-control", value);
+            }
+            response.body(axum::body::Body::from(answer.body)).unwrap()
+        }
+
+        let state = Arc::new(JwksState {
+            answer: std::sync::Mutex::new(answer),
+            fetches: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let app = axum::Router::new()
+            .fallback(serve)
+            .with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            // Dropped with this task: aborts every connection.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((tcp, _)) = accepted else { return };
+                        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                        connections.spawn(async move {
+                            let _ = hyper_util::server::conn::auto::Builder::new(
+                                hyper_util::rt::TokioExecutor::new(),
+                            )
+                            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                            .await;
+                        });
+                    }
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                }
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/.well-known/jwks.json", self.addr)
+    }
+
+    fn answer(&self, answer: JwksAnswer) {
+        *self.state.answer.lock().unwrap() = answer;
+    }
+
+    fn fetches(&self) -> usize {
+        self.state.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Closes the port and cuts every connection.
+    async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// The fixture public key `name` (`rsa_public`, `ec_other_public`, …) as a
+/// JWK with `kid` (and `use: sig`, `alg` as given).
+fn jwk(name: &str, kid: &str, alg: Option<&str>) -> Value {
+    let text = std::fs::read_to_string(fixture_path(&format!("{name}.jwk.json"))).unwrap();
+    let mut jwk: Value = serde_json::from_str(&text).unwrap();
+    jwk["kid"] = json!(kid);
+    jwk["use"] = json!("sig");
+    if let Some(alg) = alg {
+        jwk["alg"] = json!(alg);
+    }
+    jwk
+}
+
+/// A token of `user` signed with the fixture private key `pem` (RS256 for
+/// `rsa_*`, ES256 for `ec_*`), naming `kid`.
+fn signed_with(pem: &str, kid: Option<&str>, user: &str) -> String {
+    let bytes = fixture_bytes(pem);
+    let (algorithm, key) = if pem.starts_with("rsa") {
+        (Algorithm::RS256, EncodingKey::from_rsa_pem(&bytes).unwrap())
+    } else {
+        (Algorithm::ES256, EncodingKey::from_ec_pem(&bytes).unwrap())
+    };
+    let mut header = Header::new(algorithm);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, &claims(user), &key).unwrap()
+}
+
+/// A gateway whose only RS256 / ES256 keys come from `jwks`' URL, with
+/// `jwks_cache_secs` and `jwks_refetch_secs` as given.
+async fn jwks_gateway(
+    upstream: &FakeUpstream,
+    jwks: &JwksServer,
+    cache_secs: u64,
+    refetch_secs: u64,
+) -> TestGateway {
+    let url = jwks.url();
+    gateway_with(upstream, move |config| {
+        let jwt = &mut config.auth.jwt;
+        jwt.public_key_files = Vec::new();
+        jwt.jwks_url = url;
+        jwt.jwks_cache_secs = cache_secs;
+        jwt.jwks_refetch_secs = refetch_secs;
+    })
+    .await
+}
+
+/// `GET /v1/conversations` with `token`: its status (the body read).
+async fn list_status(gateway: &TestGateway, token: &str) -> u16 {
+    let response = call(
+        gateway,
+        "GET",
+        "/v1/conversations",
+        &Cred::bearer(token),
+        None,
+    )
+    .await;
+    let status = response.status().as_u16();
+    drop(timeout(WAIT, response.bytes()).await);
+    status
+}
+
+/// Tokens signed with a key the JWKS URL serves verify (RS256 and ES256,
+/// by `kid`), fetched once at start; a token naming a served kid but
+/// signed with another key does not. When the provider rotates (serves a
+/// new kid, drops the old), the first token with the new kid is accepted
+/// after one refetch, and the old kid is refused from then on without
+/// another fetch.
+#[tokio::test]
+async fn jwks_url_keys_verify_tokens_and_a_rotated_in_kid_is_fetched_at_once() {
+    let upstream = FakeUpstream::start().await;
+    let jwks = JwksServer::start(JwksAnswer::keys(&[
+        jwk("rsa_public", "k1", Some("RS256")),
+        jwk("ec_public", "e1", None),
+    ]))
+    .await;
+    let gateway = jwks_gateway(&upstream, &jwks, 300, 30).await;
+    assert_eq!(jwks.fetches(), 1, "fetched at start");
+
+    let k1 = signed_with("rsa_private.pem", Some("k1"), "ada");
+    let e1 = signed_with("ec_private.pem", Some("e1"), "ada");
+    assert_eq!(list_status(&gateway, &k1).await, 200, "RS256 with k1");
+    assert_eq!(list_status(&gateway, &e1).await, 200, "ES256 with e1");
+    let forged = signed_with("rsa_other_private.pem", Some("k1"), "ada");
+    let response = call(
+        &gateway,
+        "GET",
+        "/v1/conversations",
+        &Cred::bearer(&forged),
+        None,
+    )
+    .await;
+    refused(
+        response,
+        401,
+        "invalid_signature",
+        "k1 named, another key signed",
+    )
+    .await;
+    assert_eq!(jwks.fetches(), 1, "known kids need no fetch");
+
+    // The provider rotates: k2 in, k1 out.
+    jwks.answer(JwksAnswer::keys(&[jwk(
+        "rsa_other_public",
+        "k2",
+        Some("RS256"),
+    )]));
+    let k2 = signed_with("rsa_other_private.pem", Some("k2"), "ada");
+    assert_eq!(list_status(&gateway, &k2).await, 200, "the rotated-in kid");
+    assert_eq!(jwks.fetches(), 2, "one refetch for the unknown kid");
+    let response = call(
+        &gateway,
+        "GET",
+        "/v1/conversations",
+        &Cred::bearer(&k1),
+        None,
+    )
+    .await;
+    refused(response, 401, "invalid_signature", "the rotated-out kid").await;
+    assert_eq!(list_status(&gateway, &k2).await, 200, "k2 still");
+    assert_eq!(jwks.fetches(), 2, "no refetch within the window");
+}
+
+/// A flood of tokens with made-up kids, with the JWKS server up: each is
+/// refused 401 `invalid_signature`, and together they start one fetch
+/// (within `jwks_refetch_secs`), not one each; the served key keeps
+/// working.
+#[tokio::test]
+async fn unknown_kids_are_refused_401_and_start_at_most_one_fetch_per_window() {
+    let upstream = FakeUpstream::start().await;
+    let jwks = JwksServer::start(JwksAnswer::keys(&[jwk("rsa_public", "k1", None)])).await;
+    let gateway = jwks_gateway(&upstream, &jwks, 300, 3_600).await;
+    assert_eq!(jwks.fetches(), 1, "fetched at start");
+
+    let flood = (0..20).map(|i| {
+        let token = signed_with("rsa_private.pem", Some(&format!("made-up-{i}")), "ada");
+        let gateway = &gateway;
+        async move {
+            let response = call(
+                gateway,
+                "GET",
+                "/v1/conversations",
+                &Cred::bearer(&token),
+                None,
+            )
+            .await;
+            refused(response, 401, "invalid_signature", "a made-up kid").await;
+        }
+    });
+    futures_util::future::join_all(flood).await;
+    assert_eq!(jwks.fetches(), 2, "one fetch for the whole flood");
+    let more = signed_with("rsa_private.pem", Some("made-up-again"), "ada");
+    let response = call(
+        &gateway,
+        "GET",
+        "/v1/conversations",
+        &Cred::bearer(&more),
+        None,
+    )
+    .await;
+    refused(response, 401, "invalid_signature", "a made-up kid later").await;
+    assert_eq!(jwks.fetches(), 2, "still within the window");
+
+    let k1 = signed_with("rsa_private.pem", Some("k1"), "ada");
+    assert_eq!(list_status(&gateway, &k1).await, 200, "the served key");
+    assert_eq!(jwks.fetches(), 2);
+}
+
+/// The JWKS server failing (500s while the cache keeps expiring) and then
+/// gone (port closed): the last good keys keep verifying, and an unknown
+/// kid is 401, not 503 (there is a key set; it lacks the kid).
+#[tokio::test]
+async fn cached_jwks_keys_keep_working_while_the_jwks_server_fails_or_is_gone() {
+    let upstream = FakeUpstream::start().await;
+    let jwks = JwksServer::start(JwksAnswer::keys(&[jwk("rsa_public", "k1", None)])).await;
+    // Due for a refresh every second, so refreshes fail while we watch.
+    let gateway = jwks_gateway(&upstream, &jwks, 1, 1).await;
+    let k1 = signed_with("rsa_private.pem", Some("k1"), "ada");
+    assert_eq!(list_status(&gateway, &k1).await, 200);
+
+    jwks.answer(JwksAnswer::status(500));
+    let failing_since = jwks.fetches();
+    let poll = Poll::new("two failed refreshes");
+    while jwks.fetches() < failing_since + 2 {
+        poll.tick().await;
+    }
+    assert_eq!(
+        list_status(&gateway, &k1).await,
+        200,
+        "after failed refreshes"
+    );
+
+    jwks.stop().await;
+    let unknown = signed_with("rsa_private.pem", Some("k9"), "ada");
+    let response = call(
+        &gateway,
+        "GET",
+        "/v1/conversations",
+        &Cred::bearer(&unknown),
+        None,
+    )
+    .await;
+    refused(
+        response,
+        401,
+        "invalid_signature",
+        "an unknown kid, server gone",
+    )
+    .await;
+    assert_eq!(
+        list_status(&gateway, &k1).await,
+        200,
+        "with the server gone"
+    );
+}
+
+/// Until a first fetch succeeds, a token only the URL's keys could verify
+/// is refused 503 `auth_unavailable` (retryable), and the gateway starts
+/// all the same. The first answer here is a valid key set padded past
+/// 256 KiB: refused for its size alone. Once the provider serves the set
+/// normally, the same token is accepted.
+#[tokio::test]
+async fn tokens_are_503_auth_unavailable_until_the_jwks_is_first_fetched() {
+    let upstream = FakeUpstream::start().await;
+    let padded = json!({
+        "keys": [jwk("rsa_public", "k1", None)],
+        "padding": "x".repeat(spillway::auth::jwks::JWKS_MAX_BYTES),
+    });
+    let jwks = JwksServer::start(JwksAnswer {
+        status: 200,
+        body: padded.to_string(),
+        cache_control: None,
+    })
+    .await;
+    let gateway = jwks_gateway(&upstream, &jwks, 300, 1).await;
+    assert_eq!(jwks.fetches(), 1, "tried at start");
+    let k1 = signed_with("rsa_private.pem", Some("k1"), "ada");
+    let response = call(
+        &gateway,
+        "GET",
+        "/v1/conversations",
+        &Cred::bearer(&k1),
+        None,
+    )
+    .await;
+    let error = refused(response, 503, "auth_unavailable", "no key set yet").await;
+    assert_eq!(error["type"], "server_error");
+
+    jwks.answer(JwksAnswer::keys(&[jwk("rsa_public", "k1", None)]));
+    let poll = Poll::new("the token is accepted once the keys are fetched");
+    loop {
+        match list_status(&gateway, &k1).await {
+            200 => break,
+            503 => poll.tick().await,
+            other => panic!("{other}: only 503 until the keys are fetched, then 200"),
+        }
+    }
+}
+
+/// A key the provider removes stops verifying once the cached set
+/// expires and is refreshed in the background (a token with a known kid
+/// never starts a fetch): after `jwks_cache_secs` (here 1 s) without
+/// `Cache-Control`, and after the answer's shorter `max-age` (1 s, with
+/// `jwks_cache_secs` 300: were it ignored, k1 would verify for 5 minutes
+/// and the poll time out). The kid that stays keeps verifying.
+#[tokio::test]
+async fn a_key_removed_from_the_jwks_stops_verifying_once_the_cached_set_expires() {
+    let upstream = FakeUpstream::start().await;
+    let both = [jwk("rsa_public", "k1", None), jwk("ec_public", "e1", None)];
+    let k1 = signed_with("rsa_private.pem", Some("k1"), "ada");
+    let e1 = signed_with("ec_private.pem", Some("e1"), "ada");
+    for (cache_secs, cache_control) in [(1, None), (300, Some("public, max-age=1"))] {
+        let with_header = |answer: JwksAnswer| match cache_control {
+            Some(value) => answer.cache_control(value),
+            None => answer,
+        };
+        let jwks = JwksServer::start(with_header(JwksAnswer::keys(&both))).await;
+        // A known kid never starts a fetch: only the expiry can drop k1.
+        let gateway = jwks_gateway(&upstream, &jwks, cache_secs, 1).await;
+        assert_eq!(list_status(&gateway, &k1).await, 200, "{cache_control:?}");
+
+        jwks.answer(with_header(JwksAnswer::keys(&[jwk(
+            "ec_public",
+            "e1",
+            None,
+        )])));
+        let poll = Poll::new("the removed key is refused");
+        while list_status(&gateway, &k1).await == 200 {
+            poll.tick().await;
+        }
+        let response = call(
+            &gateway,
+            "GET",
+            "/v1/conversations",
+            &Cred::bearer(&k1),
+            None,
+        )
+        .await;
+        refused(response, 401, "invalid_signature", "the removed key").await;
+        assert_eq!(list_status(&gateway, &e1).await, 200, "the key that stays");
+        gateway.shutdown().await;
+        jwks.stop().await;
+    }
+}
+
+/// `auth.jwt.jwks_url` is checked at config load: https anywhere, http
+/// only for a loopback host; anything else is a typed error naming the
+/// key.
+#[test]
+fn a_jwks_url_over_plain_http_is_refused_at_config_load_unless_loopback() {
+    let load = |url: &str| {
+        Config::parse(
+            &format!("[auth.jwt]\njwks_url = \"{url}\"\n"),
+            std::path::Path::new("test.toml"),
+            Vec::new(),
+        )
+    };
+    for url in [
+        "https://idp.example/.well-known/jwks.json",
+        "http://127.0.0.1:8081/jwks",
+        "http://localhost/jwks",
+        "http://[::1]:9000/jwks",
+    ] {
+        let config = load(url).unwrap_or_else(|err| panic!("{url}: {err}"));
+        assert_eq!(config.auth.jwt.jwks_url, url);
+    }
+    for url in [
+        "http://idp.example/.well-known/jwks.json",
+        "http://10.0.0.5/jwks",
+        "ftp://idp.example/jwks",
+        "not a url",
+        "https://user:secret@idp.example/jwks",
+    ] {
+        match load(url) {
+            Err(spillway::config::ConfigError::Invalid { key, .. }) => {
+                assert_eq!(key, "auth.jwt.jwks_url", "{url}");
+            }
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+    let err = load("http://idp.example/jwks").unwrap_err().to_string();
+    assert!(
+        err.contains("auth.jwt.jwks_url") && err.contains("https"),
+        "{err}"
+    );
+    let err = load("https://user:secret@idp.example/jwks")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        !err.contains("secret"),
+        "credentials are not repeated: {err}"
+    );
+}

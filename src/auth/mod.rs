@@ -12,8 +12,9 @@
 //!   tenant; the calling backend names the end user with `X-Spillway-User`
 //!   (else the user is `key:<id>`).
 //! - **JWTs** minted by the customer's backend for its signed-in users:
-//!   HS256 (a shared secret) or RS256 / ES256 (public keys from PEM files or
-//!   a JWKS file, matched by `kid`); `exp` required, `nbf`, `aud`, `iss`
+//!   HS256 (a shared secret) or RS256 / ES256 (public keys from PEM files,
+//!   a JWKS file, or the identity provider's JWKS URL fetched and cached by
+//!   [`jwks`], matched by `kid`); `exp` required, `nbf`, `aud`, `iss`
 //!   checked with `auth.leeway_secs`; a `jti` on the revocation list is
 //!   refused, on connect and periodically on live connections.
 //! - **Visitor tokens** for anonymous widget users: a page's public widget
@@ -24,6 +25,8 @@
 //! With `auth.enabled = false` (the default) the gateway is in development
 //! mode: `X-Spillway-User` (or `?user=`) names the user, nothing is checked.
 //! `docs/security.md` has the threat model.
+
+pub mod jwks;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -208,6 +211,9 @@ pub enum SetupError {
     /// A key file cannot be read or parsed.
     #[error("{0}")]
     KeyFile(String),
+    /// The JWKS URL cannot be used (its HTTP client cannot be built).
+    #[error("{0}")]
+    Jwks(String),
 }
 
 /// What a request offers as credentials.
@@ -258,7 +264,10 @@ impl<'a> Credentials<'a> {
 
 /// A verification key for user JWTs.
 struct Verifier {
+    /// The `kid` a token names to pick this key; `None` for PEM files (any
+    /// token of the algorithm may try it).
     kid: Option<String>,
+    /// RS256 or ES256.
     algorithm: Algorithm,
     key: DecodingKey,
 }
@@ -268,7 +277,10 @@ pub struct Auth {
     config: AuthConfig,
     store: Option<Arc<dyn Store>>,
     hs256: Option<DecodingKey>,
+    /// Keys from `public_key_files` and `jwks_file`, fixed at start.
     verifiers: Vec<Verifier>,
+    /// Keys from `jwks_url`, fetched and cached.
+    jwks: Option<Arc<jwks::KeyCache>>,
     /// Signs and verifies visitor tokens.
     visitor: Option<(EncodingKey, DecodingKey)>,
     widgets: HashMap<String, WidgetConfig>,
@@ -285,6 +297,7 @@ impl fmt::Debug for Auth {
             .field("enabled", &self.config.enabled)
             .field("hs256", &self.hs256.is_some())
             .field("verifiers", &self.verifiers.len())
+            .field("jwks", &self.jwks)
             .field("visitors", &self.visitor.is_some())
             .field("widgets", &self.widgets.len())
             .finish()
@@ -359,30 +372,29 @@ impl Auth {
         }
         if !auth.jwt.jwks_file.is_empty() {
             let path = &auth.jwt.jwks_file;
-            let text = std::fs::read_to_string(path)
+            let text =
+                std::fs::read(path).map_err(|err| SetupError::KeyFile(format!("{path}: {err}")))?;
+            let keys = jwks::verifiers(&text)
                 .map_err(|err| SetupError::KeyFile(format!("{path}: {err}")))?;
-            let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text)
-                .map_err(|err| SetupError::KeyFile(format!("{path}: {err}")))?;
-            for jwk in &set.keys {
-                let algorithm = match &jwk.algorithm {
-                    jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
-                    jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
-                    _ => continue,
-                };
-                let key = DecodingKey::from_jwk(jwk)
-                    .map_err(|err| SetupError::KeyFile(format!("{path}: {err}")))?;
-                verifiers.push(Verifier {
-                    kid: jwk.common.key_id.clone(),
-                    algorithm,
-                    key,
-                });
+            if keys.is_empty() {
+                return Err(SetupError::KeyFile(format!(
+                    "{path}: no RS256 or ES256 signature key in the set"
+                )));
             }
+            verifiers.extend(keys);
         }
+        // Development mode checks no token: nothing to fetch.
+        let jwks = if auth.enabled {
+            jwks::KeyCache::new(&auth.jwt)?.map(Arc::new)
+        } else {
+            None
+        };
         Ok(Self {
             config: auth.clone(),
             store,
             hs256,
             verifiers,
+            jwks,
             visitor,
             widgets: auth
                 .widgets
@@ -404,10 +416,14 @@ impl Auth {
         &self.config
     }
 
-    /// Loads the revocation list now and keeps reloading it every
-    /// `auth.recheck_secs`.
+    /// Loads the revocation list (and fetches the JWKS URL's keys) now, and
+    /// keeps reloading it every `auth.recheck_secs` (and the keys when they
+    /// are due). A JWKS that cannot be fetched is logged, not fatal.
     pub async fn start(self: &Arc<Self>) {
         self.reload_revoked().await;
+        if let Some(jwks) = &self.jwks {
+            jwks.start().await;
+        }
         let me = Arc::downgrade(self);
         let every = Duration::from_secs(self.config.recheck_secs);
         tokio::spawn(async move {
@@ -466,7 +482,7 @@ impl Auth {
         let principal = if header.kid.as_deref() == Some(VISITOR_KID) {
             self.visitor_token(token, credentials)?
         } else {
-            self.user_token(token, &header)?
+            self.user_token(token, &header).await?
         };
         self.check_revoked(&principal)?;
         Ok(principal)
@@ -603,25 +619,21 @@ impl Auth {
         validation
     }
 
-    fn user_token(&self, token: &str, header: &Header) -> Result<Principal, AuthError> {
-        let key = match header.alg {
-            Algorithm::HS256 => self.hs256.as_ref(),
-            alg @ (Algorithm::RS256 | Algorithm::ES256) => self
-                .verifiers
-                .iter()
-                .filter(|v| v.algorithm == alg)
-                .find(|v| header.kid.is_none() || v.kid.is_none() || v.kid == header.kid)
-                .map(|v| &v.key),
-            _ => None,
-        }
-        .ok_or(AuthError::BadSignature)?;
-        let data = jsonwebtoken::decode::<serde_json::Map<String, Value>>(
-            token,
-            key,
-            &self.validation(header.alg),
-        )
-        .map_err(|err| classify(&err))?;
-        let claims = data.claims;
+    async fn user_token(&self, token: &str, header: &Header) -> Result<Principal, AuthError> {
+        let claims = match header.alg {
+            Algorithm::HS256 => {
+                let key = self.hs256.as_ref().ok_or(AuthError::BadSignature)?;
+                jsonwebtoken::decode::<serde_json::Map<String, Value>>(
+                    token,
+                    key,
+                    &self.validation(header.alg),
+                )
+                .map_err(|err| classify(&err))?
+                .claims
+            }
+            Algorithm::RS256 | Algorithm::ES256 => self.public_key_claims(token, header).await?,
+            _ => return Err(AuthError::BadSignature),
+        };
         let text = |name: &str| {
             claims
                 .get(name)
@@ -644,6 +656,79 @@ impl Auth {
             expires_at: claims.get("exp").and_then(seconds),
             jti: text("jti"),
         })
+    }
+
+    /// The claims of an RS256 / ES256 token, verified with the key its
+    /// `kid` names, or (no `kid`, or only PEM keys) with each key of its
+    /// algorithm in turn. A `kid` no key has makes the JWKS URL's keys be
+    /// fetched again (at most once per `jwks_refetch_secs`). While the
+    /// URL's keys have never been fetched, a token no other key verifies is
+    /// [`AuthError::Unavailable`]: it may well be valid.
+    async fn public_key_claims(
+        &self,
+        token: &str,
+        header: &Header,
+    ) -> Result<serde_json::Map<String, Value>, AuthError> {
+        let fetched = match &self.jwks {
+            None => None,
+            Some(jwks) => {
+                let mut keys = jwks.current();
+                let known = |keys: &Option<jwks::KeySet>| match header.kid.as_deref() {
+                    Some(kid) => self
+                        .verifiers
+                        .iter()
+                        .chain(keys.iter().flat_map(|keys| keys.iter()))
+                        .any(|v| v.kid.as_deref() == Some(kid)),
+                    None => keys.is_some(),
+                };
+                if !known(&keys) {
+                    keys = jwks.refetch_for_unknown().await;
+                }
+                Some(keys)
+            }
+        };
+        let url_keys = fetched.iter().flatten().flat_map(|keys| keys.iter());
+        let of_alg: Vec<&Verifier> = self
+            .verifiers
+            .iter()
+            .chain(url_keys)
+            .filter(|v| v.algorithm == header.alg)
+            .collect();
+        // The key the token names; else the keys that name none.
+        let named: Vec<&Verifier> = match header.kid.as_deref() {
+            Some(kid) => of_alg
+                .iter()
+                .copied()
+                .filter(|v| v.kid.as_deref() == Some(kid))
+                .collect(),
+            None => Vec::new(),
+        };
+        let candidates = if named.is_empty() {
+            of_alg
+                .into_iter()
+                .filter(|v| header.kid.is_none() || v.kid.is_none())
+                .collect()
+        } else {
+            named
+        };
+        let validation = self.validation(header.alg);
+        for verifier in candidates {
+            match jsonwebtoken::decode::<serde_json::Map<String, Value>>(
+                token,
+                &verifier.key,
+                &validation,
+            ) {
+                Ok(data) => return Ok(data.claims),
+                // Another key may verify it.
+                Err(err) if classify(&err) == AuthError::BadSignature => {}
+                // The signature verified; the claims did not.
+                Err(err) => return Err(classify(&err)),
+            }
+        }
+        if matches!(fetched, Some(None)) {
+            return Err(AuthError::Unavailable);
+        }
+        Err(AuthError::BadSignature)
     }
 
     fn visitor_token(
@@ -757,6 +842,14 @@ impl Auth {
     /// The origins allowed to frame widget `key` (for `frame-ancestors`).
     pub fn widget_origins(&self, key: &str) -> Option<&[String]> {
         self.widgets.get(key).map(|w| w.origins.as_slice())
+    }
+
+    /// Drops API key `id` from this instance's verified-key cache, so the
+    /// next request with it reads the store (the admin API calls this
+    /// right after revoking the key: revocation takes effect here at once,
+    /// on other instances within `auth.key_cache_secs`).
+    pub fn forget_api_key(&self, id: &str) {
+        lock(&self.keys).remove(id);
     }
 }
 

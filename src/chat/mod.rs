@@ -1544,6 +1544,7 @@ pub fn meter(
         match generation.usage() {
             Some(record) => {
                 reservation.settle(record.usage.total_tokens());
+                record_usage_metrics(&tenant, record);
                 if let Some(cost) = record.cost_usd {
                     limits.record_cost(&tenant, cost);
                 }
@@ -1552,6 +1553,29 @@ pub fn meter(
             None => drop(reservation),
         }
     });
+}
+
+/// Counts one reply's tokens (per attempt that billed) and cost in the
+/// metrics.
+fn record_usage_metrics(tenant: &str, record: &crate::usage::UsageRecord) {
+    let metrics = crate::metrics::get();
+    for attempt in &record.attempts {
+        if let Some(billed) = attempt.billed {
+            metrics.usage(
+                tenant,
+                &attempt.provider,
+                &attempt.model,
+                billed.prompt_tokens,
+                billed.completion_tokens,
+                0.0,
+            );
+        }
+    }
+    if let (Some(cost), Some(provider), Some(model)) =
+        (record.cost_usd, &record.provider, &record.upstream_model)
+    {
+        metrics.usage(tenant, provider, model, 0, 0, cost);
+    }
 }
 
 /// A send claimed across instances; released unless the send got as far as

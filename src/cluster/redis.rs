@@ -196,6 +196,9 @@ fn control_channel(instance: &str) -> String {
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope {
     instance: String,
+    /// When it was published (Unix µs), for the pub/sub lag metric.
+    #[serde(default)]
+    sent_us: u64,
     conversation_id: String,
     event: RoomEvent,
 }
@@ -292,6 +295,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct RedisBus {
     shared: Arc<Shared>,
+    /// The reply mirrors running, waited for when the instance leaves.
+    mirrors: tokio_util::task::TaskTracker,
 }
 
 impl RedisBus {
@@ -329,9 +334,15 @@ impl RedisBus {
         });
         tokio::spawn(connect(Arc::clone(&shared), outgoing_rx));
         tracing::info!(node = %shared.node, instance = %shared.instance, "cluster bus: redis");
-        Arc::new(Self { shared })
+        Arc::new(Self {
+            shared,
+            mirrors: tokio_util::task::TaskTracker::new(),
+        })
     }
 }
+
+/// How long leaving waits for reply mirrors to write their last batches.
+const MIRROR_FLUSH: Duration = Duration::from_secs(5);
 
 /// Connects (retrying), then runs the dispatcher and the publisher.
 async fn connect(shared: Arc<Shared>, outgoing: mpsc::Receiver<Outgoing>) {
@@ -626,6 +637,12 @@ async fn dispatcher(shared: Arc<Shared>, mut pushes: mpsc::Receiver<PushInfo>) {
             if envelope.instance == shared.instance {
                 continue;
             }
+            if envelope.sent_us > 0 {
+                let lag_us = crate::metrics::unix_micros().saturating_sub(envelope.sent_us);
+                crate::metrics::get()
+                    .redis_pubsub_lag
+                    .observe(lag_us as f64 / 1e6);
+            }
             let inbound = Inbound::Room {
                 instance: envelope.instance,
                 conversation_id: envelope.conversation_id,
@@ -686,6 +703,7 @@ impl Bus for RedisBus {
         };
         let envelope = Envelope {
             instance: self.shared.instance.clone(),
+            sent_us: crate::metrics::unix_micros(),
             conversation_id: conversation_id.to_owned(),
             event,
         };
@@ -825,7 +843,8 @@ impl Bus for RedisBus {
     fn mirror(&self, generation: &Arc<Generation>) {
         self.shared
             .enqueue(Outgoing::Announce(Arc::clone(generation)));
-        tokio::spawn(mirror(Arc::clone(&self.shared), Arc::clone(generation)));
+        self.mirrors
+            .spawn(mirror(Arc::clone(&self.shared), Arc::clone(generation)));
     }
 
     fn follow(
@@ -1087,6 +1106,19 @@ impl Bus for RedisBus {
 
     fn leave(&self) -> BoxFuture<'_, ()> {
         async move {
+            // Replies that ended have their last batches (and terminal
+            // status) written before this instance is gone; a mirror that
+            // cannot reach Redis gives up at the deadline.
+            self.mirrors.close();
+            if tokio::time::timeout(MIRROR_FLUSH, self.mirrors.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    mirrors = self.mirrors.len(),
+                    "reply mirrors still writing at exit"
+                );
+            }
             let shared = &self.shared;
             let Some(mut conn) = shared.conn() else {
                 return;

@@ -198,7 +198,18 @@ impl Log {
         let state = self.lock();
         let start = usize::try_from(cursor).unwrap_or(usize::MAX);
         let pending = state.events.get(start..).filter(|rest| !rest.is_empty())?;
-        Some(coalesce(pending, cursor, max_frame_bytes))
+        let frames = coalesce(pending, cursor, max_frame_bytes);
+        let merged: Vec<u64> = frames
+            .iter()
+            .map(|f| f.next - f.offset)
+            .filter(|n| *n > 1)
+            .collect();
+        if !merged.is_empty() {
+            let metrics = crate::metrics::get();
+            metrics.coalesced_frames.inc_by(merged.len() as u64);
+            metrics.coalesced_events.inc_by(merged.iter().sum());
+        }
+        Some(frames)
     }
 }
 

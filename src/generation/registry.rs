@@ -150,6 +150,7 @@ impl Registry {
                 }
             }
             let (generation, subscriber, driver) = Generation::create(spec);
+            crate::metrics::get().generations_started.inc();
             live.insert(generation.id(), Arc::clone(&generation));
             (generation, subscriber, driver)
         };
@@ -177,6 +178,14 @@ impl Registry {
     /// Generations currently held (running or within their resume window).
     pub fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Generations still streaming (not yet ended).
+    pub fn running(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|g| g.outcome().is_none())
+            .count()
     }
 
     /// Whether no generation is held.

@@ -5,14 +5,17 @@
 //! failure; every response carries an `x-request-id` (the client's, when it
 //! sent one, else a fresh UUIDv7).
 
+pub mod admin;
 pub mod assets;
 pub mod conversations;
+pub mod drain;
 pub mod openai;
+pub mod ops;
+pub mod server;
 pub mod sse;
 pub mod widget;
 pub mod ws;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,10 +24,8 @@ use axum::Router;
 use axum::extract::{FromRequestParts, OriginalUri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use http::request::Parts;
 use http::{HeaderName, Request};
-use tokio::net::TcpListener;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId as TowerRequestId, SetRequestIdLayer,
 };
@@ -67,6 +68,8 @@ pub struct Gateway {
     pub auth: Arc<crate::auth::Auth>,
     /// Rate limits, caps and quotas.
     pub limits: Arc<crate::limits::Limits>,
+    /// The graceful drain (SIGTERM).
+    pub drain: drain::Drain,
 }
 
 /// Why the gateway could not start.
@@ -123,6 +126,11 @@ impl Gateway {
             Arc::clone(&limits),
         ));
         chat.start();
+        let drain = drain::Drain::new(
+            bus.is_shared(),
+            config.server.drain_batch_size,
+            Duration::from_millis(config.server.drain_batch_interval_ms),
+        );
         Ok(Arc::new(Self {
             config,
             routes,
@@ -135,6 +143,7 @@ impl Gateway {
             connections: ws::Connections::default(),
             auth,
             limits,
+            drain,
         }))
     }
 
@@ -164,12 +173,22 @@ impl Gateway {
     }
 }
 
-/// The application router with its middleware.
+pub use server::{run, serve};
+
+/// The application router with its middleware. `/metrics` and the admin
+/// API are on it unless `server.admin_listen` moves them to
+/// [`admin_router`].
 pub fn router(gateway: Arc<Gateway>) -> Router {
+    let operator = if gateway.config.server.admin_listen.is_empty() {
+        operator_routes()
+    } else {
+        Router::new()
+    };
     Router::new()
+        .merge(operator)
         .route("/", get(assets::index))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route(
@@ -203,6 +222,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         ))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&gateway),
+            request_limits,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&gateway),
             edge_headers,
         ))
         .with_state(gateway)
@@ -220,114 +243,53 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuidV7))
 }
 
-/// Runs the gateway until a shutdown signal, then drains.
-pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    crate::telemetry::init(&config.log);
-    let addr = config.server.listen_addr()?;
-    let gateway = Gateway::open(config).await?;
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    let models: Vec<&str> = gateway.routes.models().collect();
-    let node = gateway.bus.node().to_owned();
-    tracing::info!(%local, ?models, %node, "spillway listening on http://{local}");
-    serve(listener, gateway, crate::shutdown::signal()).await?;
-    Ok(())
+/// What only operators call: `/metrics` (and the admin API).
+fn operator_routes() -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/metrics", get(ops::metrics))
+        .merge(admin::routes())
 }
 
-/// Serves `gateway` on `listener` until `shutdown` resolves; then stops
-/// accepting, lets streams finish for `server.shutdown_grace_secs`, and
-/// cancels what is still running.
-pub async fn serve(
-    listener: TcpListener,
-    gateway: Arc<Gateway>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let grace = Duration::from_secs(gateway.config.server.shutdown_grace_secs);
-    let registry = Arc::clone(&gateway.generations);
-    let flushed = Arc::clone(&gateway);
-    let app = router(gateway).into_make_service_with_connect_info::<SocketAddr>();
-    // Tokens are tiny writes that must leave at once: no Nagle delay.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(%err, "could not set TCP_NODELAY");
-        }
-    });
-    let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
-    let graceful = async move {
-        shutdown.await;
-        draining_tx.send_replace(true);
-    };
-    // After the grace period, cancel the generations still streaming so
-    // their connections end (with a typed error event) and serve returns.
-    let drain_registry = Arc::clone(&registry);
-    let mut draining = draining_rx.clone();
-    let deadline = tokio::spawn(async move {
-        if draining.wait_for(|d| *d).await.is_ok() {
-            tokio::time::sleep(grace).await;
-            drain_registry.shutdown(Duration::from_secs(5)).await;
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(graceful)
-        .await?;
-    deadline.abort();
-    registry.shutdown(Duration::from_secs(5)).await;
-    // Generations have handed over their replies: flush them to the
-    // database (what does not make it stays journaled).
-    flushed.flush_persister().await;
-    flushed.limits.flush().await;
-    // Others see this instance gone at once, not after its heartbeat lapses.
-    flushed.bus.leave().await;
-    Ok(())
+/// The router of `server.admin_listen`: the operator routes alone (plus
+/// the probes), with request ids.
+pub fn admin_router(gateway: Arc<Gateway>) -> Router {
+    operator_routes()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .fallback(no_route)
+        .with_state(gateway)
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuidV7))
 }
 
-async fn healthz(
+/// The request's own bounds, before any other work: a request target
+/// longer than `server.max_url_bytes` is refused with 414, and a body that
+/// stalls for `server.body_timeout_secs` ends the request (408).
+async fn request_limits(
     axum::extract::State(gateway): axum::extract::State<Arc<Gateway>>,
-) -> impl IntoResponse {
-    axum::Json(serde_json::json!({ "status": "ok", "node": gateway.bus.node() }))
-}
-
-/// `GET /readyz`: whether this instance should get traffic, with each
-/// check: the database answers (when persistence is on) and, with Redis
-/// configured, the bus is connected (unless `cluster.ready_requires_redis`
-/// is off, when a Redis fault is reported but does not make it unready).
-async fn readyz(axum::extract::State(gateway): axum::extract::State<Arc<Gateway>>) -> Response {
-    let store = match &gateway.store {
-        Some(store) => {
-            let probe = tokio::time::timeout(Duration::from_secs(2), store.ping()).await;
-            match probe {
-                Ok(Ok(())) => serde_json::json!({ "ok": true }),
-                Ok(Err(err)) => serde_json::json!({ "ok": false, "error": err.to_string() }),
-                Err(_) => serde_json::json!({ "ok": false, "error": "timed out" }),
-            }
-        }
-        None => serde_json::json!({ "ok": true, "enabled": false }),
-    };
-    let health = gateway.bus.health();
-    let shared = health.mode == "redis";
-    let redis = serde_json::json!({
-        "configured": shared,
-        "ok": health.ok,
-        "instances": health.instances,
-        "followers": health.followers,
-        "dropped_inbound": health.dropped_inbound,
-        "dropped_outbound": health.dropped_outbound,
-        "recovered": health.recovered,
-    });
-    let store_ok = store["ok"].as_bool().unwrap_or(false);
-    let redis_ok = !shared || health.ok || !gateway.config.cluster.ready_requires_redis;
-    let ready = store_ok && redis_ok;
-    let body = serde_json::json!({
-        "status": if ready { "ready" } else { "unready" },
-        "node": health.node,
-        "checks": { "store": store, "redis": redis },
-    });
-    let status = if ready {
-        http::StatusCode::OK
-    } else {
-        http::StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, axum::Json(body)).into_response()
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let server = &gateway.config.server;
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len());
+    if target > server.max_url_bytes {
+        let mut err = ApiError::invalid_request(
+            "url_too_long",
+            format!(
+                "The request target is longer than {} bytes",
+                server.max_url_bytes
+            ),
+        );
+        err.status = http::StatusCode::URI_TOO_LONG;
+        return err.into_response();
+    }
+    let timeout = Duration::from_secs(server.body_timeout_secs);
+    let request = request
+        .map(|body| axum::body::Body::new(tower_http::timeout::TimeoutBody::new(timeout, body)));
+    next.run(request).await
 }
 
 /// Headers every response carries, and CORS: a browser page may call from
@@ -458,8 +420,8 @@ async fn no_route(RequestId(id): RequestId, OriginalUri(uri): OriginalUri) -> Re
         .into_response()
 }
 
-/// Reads a request body up to `limit` bytes: 413 past it, 400 if it breaks
-/// off.
+/// Reads a request body up to `limit` bytes: 413 past it, 408 if it
+/// stalls (`server.body_timeout_secs`), 400 if it breaks off.
 pub(crate) async fn read_body(
     body: axum::body::Body,
     limit: usize,
@@ -469,8 +431,17 @@ pub(crate) async fn read_body(
         Err(err) => {
             let too_large = std::error::Error::source(&err)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            let stalled = std::error::Error::source(&err)
+                .is_some_and(|s| s.is::<tower_http::timeout::TimeoutError>());
             if too_large {
                 Err(ApiError::body_too_large(limit))
+            } else if stalled {
+                let mut err = ApiError::invalid_request(
+                    "request_timeout",
+                    "The request body stopped arriving",
+                );
+                err.status = http::StatusCode::REQUEST_TIMEOUT;
+                Err(err)
             } else {
                 Err(ApiError::invalid_request(
                     "invalid_body",

@@ -378,6 +378,7 @@ fn sse_body(
         delivery.include_usage,
     );
     async_stream::stream! {
+        let _counted = crate::metrics::get().connection("openai");
         yield Ok(Bytes::from_static(b": spillway stream open\n\n"));
         loop {
             let read = tokio::select! {

@@ -163,25 +163,57 @@ fn event_id(frame: &ServerFrame) -> Option<String> {
     }
 }
 
-/// Streams `generation` from `offset` as SSE, after `first` events.
+/// The event that ends a stream when its instance drains and another can
+/// take over: reconnect (soon: `retry: 250`) and resume with
+/// `Last-Event-ID`.
+fn reconnect_event(generation_id: &str) -> String {
+    let data = serde_json::json!({
+        "type": "reconnect",
+        "reason": "draining",
+        "generation_id": generation_id,
+    });
+    format!("retry: 250\nevent: reconnect\ndata: {data}\n\n")
+}
+
+/// Streams `generation` from `offset` as SSE, after `first` events. When
+/// the instance drains and others can resume the reply, the stream ends
+/// with a `reconnect` event; alone, it runs to the reply's end.
 fn stream_reply(
+    gateway: &Arc<Gateway>,
     generation: Arc<Generation>,
     offset: u64,
     first: Vec<String>,
-    heartbeat: Duration,
     permit: crate::limits::ConnectionPermit,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    let heartbeat = gateway.config.server.heartbeat();
+    let gateway = Arc::clone(gateway);
+    let generation_id = generation.id().to_string();
     let mut reads = crate::chat::reads(generation.subscribe(offset));
     let mut finish = String::new();
     async_stream::stream! {
         // The connection's slot under the caps, freed when the stream ends.
         let _permit = permit;
+        let _counted = crate::metrics::get().connection("sse");
+        let hand_off = async {
+            if gateway.drain.hands_off() {
+                gateway.drain.started().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(hand_off);
         yield Ok(Bytes::from_static(b": spillway stream open\n\n"));
         for text in first {
             yield Ok(Bytes::from(text));
         }
         loop {
             let next = tokio::select! {
+                biased;
+                () = &mut hand_off => {
+                    crate::metrics::get().close("sse", "drain");
+                    yield Ok(Bytes::from(reconnect_event(&generation_id)));
+                    break;
+                }
                 next = reads.next() => next,
                 () = tokio::time::sleep(heartbeat) => {
                     yield Ok(Bytes::from_static(b": keep-alive\n\n"));
@@ -266,12 +298,11 @@ pub async fn send(
             .ok_or_else(|| {
                 ApiError::invalid_request("generation_not_found", "the reply is gone")
             })?;
-        let heartbeat = gateway.config.server.heartbeat();
         Ok(sse_response(stream_reply(
+            &gateway,
             generation,
             0,
             vec![event(&ack, None)],
-            heartbeat,
             permit,
         )))
     }
@@ -344,12 +375,11 @@ pub async fn events(
         let permit = super::ws::admit(&gateway, &principal)
             .await
             .map_err(|limited| super::limited_error(&limited))?;
-        let heartbeat = gateway.config.server.heartbeat();
         Ok(sse_response(stream_reply(
+            &gateway,
             generation,
             offset,
             Vec::new(),
-            heartbeat,
             permit,
         )))
     }

@@ -33,6 +33,9 @@ use crate::store::Owner;
 /// How long a closing connection waits for its close frame to go out.
 const CLOSE_WINDOW: Duration = Duration::from_secs(5);
 
+/// The close reason of a drain.
+const DRAINING: &str = "server draining: reconnect and resume";
+
 /// Live connections and what each holds, for limits, metrics and tests.
 #[derive(Debug, Default)]
 pub struct Connections {
@@ -40,9 +43,16 @@ pub struct Connections {
     live: Mutex<HashMap<ConnectionId, Arc<ConnectionStats>>>,
 }
 
-/// What one connection holds in the gateway, in bytes and frames.
-#[derive(Debug, Default)]
+/// What one connection holds in the gateway, in bytes and frames, whose
+/// it is, and the handle that closes it from outside.
+#[derive(Debug)]
 pub struct ConnectionStats {
+    /// Whose connection it is: what an operator's disconnect matches on.
+    pub owner: Owner,
+    /// Cancelled to close the connection with
+    /// [`close::CLOSED_BY_OPERATOR`] (the admin API's disconnect); its
+    /// loop watches it right after shutdown.
+    closed_by_operator: tokio_util::sync::CancellationToken,
     /// Its outbox (non-token events).
     outbox: Mutex<Option<Arc<Outbox>>>,
     /// The frame being written now (0 when none): what a blocked socket
@@ -67,10 +77,15 @@ impl ConnectionStats {
 }
 
 impl Connections {
-    fn register(&self, outbox: &Arc<Outbox>) -> (ConnectionId, Arc<ConnectionStats>) {
+    fn register(&self, outbox: &Arc<Outbox>, owner: Owner) -> (ConnectionId, Arc<ConnectionStats>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let stats = Arc::new(ConnectionStats::default());
-        *stats.outbox.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(outbox));
+        let stats = Arc::new(ConnectionStats {
+            owner,
+            closed_by_operator: tokio_util::sync::CancellationToken::new(),
+            outbox: Mutex::new(Some(Arc::clone(outbox))),
+            pending_write_bytes: AtomicUsize::new(0),
+            frames_sent: AtomicU64::new(0),
+        });
         self.live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -106,6 +121,22 @@ impl Connections {
             .iter()
             .map(|(id, stats)| (*id, Arc::clone(stats)))
             .collect()
+    }
+
+    /// Closes `owner`'s live connections on this instance with
+    /// [`close::CLOSED_BY_OPERATOR`]; returns how many were told to (each
+    /// closes on its own task right after). A connection already told is
+    /// not counted again.
+    pub fn close_owner(&self, owner: &Owner) -> usize {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut told = 0;
+        for stats in live.values() {
+            if stats.owner == *owner && !stats.closed_by_operator.is_cancelled() {
+                stats.closed_by_operator.cancel();
+                told += 1;
+            }
+        }
+        told
     }
 }
 
@@ -234,8 +265,9 @@ async fn run(
     headers.remove(http::header::AUTHORIZATION);
     let owner = principal.owner();
     let chat = &gateway.chat;
+    let _counted = crate::metrics::get().connection("ws");
     let outbox = Arc::new(Outbox::new(chat.config().outbox_capacity));
-    let (id, stats) = gateway.connections.register(&outbox);
+    let (id, stats) = gateway.connections.register(&outbox, owner.clone());
     let config = chat.config().clone();
     let (mut sink, mut incoming) = socket.split();
     let mut connection = Connection {
@@ -297,10 +329,36 @@ async fn run(
         tokio::time::interval(Duration::from_secs(gateway.auth.config().recheck_secs));
     recheck.tick().await;
 
+    // A drain moves the client off when its batch's turn comes (other
+    // instances can resume its replies); alone, it closes once the replies
+    // it streams have ended.
+    let drain = &gateway.drain;
+    let drain_signal = async {
+        if drain.hands_off() {
+            drain.turn().await;
+        } else {
+            drain.started().await;
+        }
+    };
+    tokio::pin!(drain_signal);
+    let mut close_when_idle = false;
+
     let end = loop {
+        if close_when_idle && connection.streaming.is_empty() {
+            break End::Close(close::SERVICE_RESTART, DRAINING);
+        }
         let out: Vec<ServerFrame> = tokio::select! {
             biased;
             () = shutdown.cancelled() => break End::Close(close::GOING_AWAY, "server shutting down: reconnect and resume"),
+            // An operator closed this user's connections (admin API).
+            () = connection.stats.closed_by_operator.cancelled() => break End::Close(close::CLOSED_BY_OPERATOR, "closed by operator"),
+            () = &mut drain_signal, if !close_when_idle => {
+                if drain.hands_off() {
+                    break End::Close(close::SERVICE_RESTART, DRAINING);
+                }
+                close_when_idle = true;
+                Vec::new()
+            }
             () = &mut lifetime => break End::Close(close::RECONNECT, "connection lifetime reached: reconnect and resume"),
             () = expiry(&connection.principal, gateway.auth.config().leeway_secs) => break End::Close(close::UNAUTHORIZED, "token_expired"),
             _ = recheck.tick() => match gateway.auth.still_valid(&connection.principal).await {
@@ -382,6 +440,9 @@ async fn run(
     };
     gateway.chat.disconnect(id);
     gateway.connections.unregister(id);
+    if let End::Close(code, _) = end {
+        crate::metrics::get().close("ws", close_reason(code));
+    }
     if let End::Close(code, reason) = end {
         tracing::info!(connection = id, code, reason, "closing websocket");
         let frame = Message::Close(Some(CloseFrame {
@@ -572,6 +633,21 @@ impl Connection {
             self.streaming.remove(&generation.id());
         }
         frames
+    }
+}
+
+/// The `reason` label of a close the gateway chose.
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        close::SLOW_CONSUMER => "slow_consumer",
+        close::SERVICE_RESTART => "drain",
+        close::GOING_AWAY => "shutdown",
+        close::RECONNECT => "lifetime",
+        close::PONG_TIMEOUT => "pong_timeout",
+        close::UNAUTHORIZED | close::FORBIDDEN => "auth",
+        close::TOO_BIG => "too_big",
+        close::PROTOCOL_ERROR => "protocol",
+        _ => "other",
     }
 }
 

@@ -68,6 +68,15 @@ impl Budgets {
         today.alerted |= alert;
         today.exhausted |= exhausted;
         drop(spent);
+        if alert || exhausted {
+            let labels = crate::metrics::TenantLabels {
+                tenant: crate::metrics::get().tenant(tenant),
+            };
+            crate::metrics::get()
+                .budget_alerts
+                .get_or_create(&labels)
+                .inc_by(u64::from(alert) + u64::from(exhausted));
+        }
         if alert {
             self.alerts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(

@@ -342,6 +342,7 @@ impl Limits {
         };
         if let Err(limited) = &result {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::get().limited(kind.as_str());
             tracing::debug!(
                 kind = kind.as_str(),
                 key,
@@ -370,6 +371,7 @@ impl Limits {
         );
         if let Err(limited) = &permit {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::get().limited("connections_cap");
             tracing::info!(
                 tenant,
                 user,
@@ -401,6 +403,7 @@ impl Limits {
             .await;
         if let Err(limited) = &reserved {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::get().limited("daily_tokens");
             tracing::info!(
                 tenant,
                 user,

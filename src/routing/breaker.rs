@@ -85,6 +85,28 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+/// What the breaker's rolling window holds now: the evidence it judges the
+/// target by (for operators; see [`Breaker::recent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Recent {
+    /// Requests that ended with a verdict (successes and failures;
+    /// cancelled ones count as neither).
+    pub outcomes: u64,
+    /// Of those, failures.
+    pub failures: u64,
+}
+
+impl Recent {
+    /// The failure share (0.0 when the window is empty).
+    pub fn error_rate(&self) -> f64 {
+        if self.outcomes == 0 {
+            0.0
+        } else {
+            self.failures as f64 / self.outcomes as f64
+        }
+    }
+}
+
 /// The circuit breaker of one upstream target, shared as `Arc<Breaker>`.
 ///
 /// A std mutex, not a tokio one: every critical section is a few counter
@@ -155,6 +177,18 @@ impl Breaker {
             State::Open { .. } => BreakerState::Open,
             State::HalfOpen { .. } => BreakerState::HalfOpen,
         }
+    }
+
+    /// The outcomes in the rolling window now ([`BreakerConfig::window`]):
+    /// those of the current closed period, or, while open or half-open,
+    /// of the closed period that opened it (until they age out). A probe
+    /// that closes the breaker starts an empty window. Reading changes
+    /// nothing but the lazy open → half-open step [`Breaker::state`] takes.
+    pub fn recent(&self) -> Recent {
+        let now = Instant::now();
+        let inner = self.lock();
+        let [outcomes, failures] = inner.window.totals(now);
+        Recent { outcomes, failures }
     }
 
     /// A permit to send one request, or `None` while open, or while
@@ -314,6 +348,36 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Open);
         advance(b.config.cooldown).await;
         assert_eq!(b.state(), BreakerState::HalfOpen);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recent_reports_the_window_outcomes_and_forgets_them_on_close() {
+        let b = breaker(BreakerConfig::default());
+        assert_eq!(b.recent(), Recent::default());
+        assert!(b.recent().error_rate().abs() < f64::EPSILON);
+        succeed(&b, 3);
+        fail(&b, 1);
+        b.try_acquire().expect("breaker should admit").cancel();
+        let recent = b.recent();
+        assert_eq!(
+            recent,
+            Recent {
+                outcomes: 4,
+                failures: 1
+            }
+        );
+        assert!((recent.error_rate() - 0.25).abs() < f64::EPSILON);
+        advance(b.config.window).await;
+        assert_eq!(b.recent(), Recent::default(), "aged out of the window");
+        half_open(&b).await;
+        assert_eq!(
+            b.recent().failures,
+            u64::from(b.config.min_requests),
+            "half-open still shows the failures that opened it"
+        );
+        b.try_acquire().expect("a probe").success();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.recent(), Recent::default(), "closing starts afresh");
     }
 
     #[tokio::test(start_paused = true)]

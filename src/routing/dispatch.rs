@@ -274,6 +274,17 @@ impl Router {
                     model: target.model.clone(),
                 };
                 let mut retries = 0u32;
+                let target_labels = crate::metrics::TargetLabels {
+                    provider: served.provider.clone(),
+                    model: served.model.clone(),
+                };
+                let provider_labels = crate::metrics::ProviderLabels { provider: served.provider.clone() };
+                if attempts > 0 {
+                    crate::metrics::get()
+                        .failovers
+                        .get_or_create(&crate::metrics::RouteLabels { route: route.name.clone() })
+                        .inc();
+                }
                 loop {
                     if attempts >= policy.max_attempts {
                         break 'chain;
@@ -318,12 +329,17 @@ impl Router {
                         Ok(Ok(mut upstream)) => {
                             ledger.update(entry, |e| e.accepted = true);
                             if restarting {
+                                crate::metrics::get().restarts.get_or_create(&provider_labels).inc();
                                 partial = Partial::default();
                                 yield Ok(RouteEvent::Restart(served.clone()));
                             } else {
+                                if continuing {
+                                    crate::metrics::get().continuations.get_or_create(&provider_labels).inc();
+                                }
                                 yield Ok(RouteEvent::Accepted(served.clone()));
                             }
                             let mut got_content = false;
+                            let mut last_content: Option<Instant> = None;
                             loop {
                                 let by = if got_content {
                                     (Instant::now() + target.idle).min(deadline)
@@ -364,6 +380,14 @@ impl Router {
                                     trim_start = false;
                                 }
                                 if let Some(chars) = content_chars(&event) {
+                                    let now = Instant::now();
+                                    let metrics = crate::metrics::get();
+                                    match last_content {
+                                        None => metrics.ttft.get_or_create(&target_labels).observe((now - started).as_secs_f64()),
+                                        Some(last) => metrics.inter_token.get_or_create(&target_labels).observe((now - last).as_secs_f64()),
+                                    }
+                                    metrics.deltas.get_or_create(&target_labels).inc();
+                                    last_content = Some(now);
                                     got_content = true;
                                     ledger.update(entry, |e| e.content_chars += chars);
                                 }
@@ -373,6 +397,15 @@ impl Router {
                         }
                     };
 
+                    let outcome = match &result {
+                        Ok(()) => "ok",
+                        Err(_) if partial.finished => "ok",
+                        Err(err) => crate::metrics::outcome(err.class),
+                    };
+                    crate::metrics::get()
+                        .attempts
+                        .get_or_create(&crate::metrics::AttemptLabels { provider: served.provider.clone(), outcome })
+                        .inc();
                     let err = match result {
                         Ok(()) => {
                             permit.success();
@@ -434,6 +467,7 @@ impl Router {
                         continue 'chain;
                     }
                     retries += 1;
+                    crate::metrics::get().retries.get_or_create(&provider_labels).inc();
                     last = Some(err);
                     tokio::time::sleep(delay).await;
                 }

@@ -193,6 +193,44 @@ pub struct UsageDay {
     pub cost_usd: f64,
 }
 
+/// Which usage aggregates an operator asks for: the UTC days `from..=to`
+/// (`YYYY-MM-DD`, compared as text, which sorts like the dates), of one
+/// tenant or of all, at most `limit` rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageQuery {
+    /// One tenant, or every tenant when `None`.
+    pub tenant_id: Option<String>,
+    /// The first day, inclusive.
+    pub from: String,
+    /// The last day, inclusive.
+    pub to: String,
+    /// Most rows returned (the caller asks one more than it shows to learn
+    /// whether the answer was cut).
+    pub limit: u32,
+}
+
+/// One day of usage for one (tenant, provider, model), summed over the
+/// tenant's users: a row of the operators' cost dashboard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageTotal {
+    /// `YYYY-MM-DD` (UTC).
+    pub day: String,
+    /// The tenant.
+    pub tenant_id: String,
+    /// The provider (`''` when unknown).
+    pub provider: String,
+    /// The upstream model.
+    pub model: String,
+    /// Assistant replies counted (one per answered request).
+    pub messages: i64,
+    /// Billed prompt tokens.
+    pub prompt_tokens: i64,
+    /// Billed completion tokens.
+    pub completion_tokens: i64,
+    /// Cost in USD (unpriced replies add 0).
+    pub cost_usd: f64,
+}
+
 /// Page direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -350,6 +388,15 @@ pub trait Store: Send + Sync + fmt::Debug {
         &'a self,
         tenant_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<UsageDay>, StoreError>>;
+
+    /// Usage aggregates across users (and, without a tenant, across
+    /// tenants) for the operators' cost dashboard: one row per (day,
+    /// tenant, provider, model) within `query`'s days, ordered by day,
+    /// tenant, provider, model; at most `query.limit` rows. Read-only.
+    fn usage_totals<'a>(
+        &'a self,
+        query: &'a UsageQuery,
+    ) -> BoxFuture<'a, Result<Vec<UsageTotal>, StoreError>>;
 
     /// Stores a new API key.
     fn create_api_key<'a>(&'a self, row: &'a ApiKeyRow) -> BoxFuture<'a, Result<(), StoreError>>;

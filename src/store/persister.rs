@@ -463,6 +463,9 @@ async fn store_with_retry(w: &Writer, records: &[Record]) {
             Ok(()) => {
                 let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 w.stats.last_batch_micros.store(micros, Ordering::Relaxed);
+                crate::metrics::get()
+                    .persister_batch_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 return;
             }
             Err(err) if is_permanent(&err) => {

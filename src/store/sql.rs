@@ -63,6 +63,31 @@ pub(super) const API_KEY_COLUMNS: &str =
 pub(super) const USAGE_COLUMNS: &str = "day, tenant_id, user_id, model, provider, messages, \
      prompt_tokens, completion_tokens, cost_usd";
 
+/// Usage summed over users per (day, tenant, provider, model), for the
+/// days `$1..=$2`; completed by [`usage_totals_query`]. The sums are cast
+/// because PostgreSQL sums `BIGINT`s into `NUMERIC`. The primary key starts
+/// with `day`, so the day range is an index range scan.
+const USAGE_TOTALS: &str = "SELECT day, tenant_id, provider, model, \
+     CAST(SUM(messages) AS BIGINT) AS messages, \
+     CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens, \
+     CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens, \
+     CAST(SUM(cost_usd) AS DOUBLE PRECISION) AS cost_usd \
+     FROM usage_daily WHERE day >= $1 AND day <= $2";
+
+/// The usage totals query: of one tenant (`$3`, then the limit `$4`) or
+/// of all (the limit `$3`).
+pub(super) fn usage_totals_query(one_tenant: bool) -> String {
+    let (filter, limit) = if one_tenant {
+        (" AND tenant_id = $3", "$4")
+    } else {
+        ("", "$3")
+    };
+    format!(
+        "{USAGE_TOTALS}{filter} GROUP BY day, tenant_id, provider, model \
+         ORDER BY day, tenant_id, provider, model LIMIT {limit}"
+    )
+}
+
 pub(super) const PING: &str = "SELECT 1";
 
 /// The tenant row a conversation implies ($1 id, named after itself, $2
@@ -202,7 +227,8 @@ macro_rules! sql_store {
             use $crate::store::sql::{self, Dialect};
             use $crate::store::{
                 ApiKeyRow, ConversationRow, Deleted, MessageRow, MessageStatus, Owner, Page,
-                PageRequest, Record, Store, StoreError, UsageDay, UserExport, now_ms, utc_day,
+                PageRequest, Record, Store, StoreError, UsageDay, UsageQuery, UsageTotal,
+                UserExport, now_ms, utc_day,
             };
 
             impl $store {
@@ -726,6 +752,37 @@ macro_rules! sql_store {
                             .fetch_all(&self.pool)
                             .await?;
                         rows.iter().map(Self::usage_from).collect()
+                    })
+                }
+
+                fn usage_totals<'a>(
+                    &'a self,
+                    query: &'a UsageQuery,
+                ) -> BoxFuture<'a, Result<Vec<UsageTotal>, StoreError>> {
+                    Box::pin(async move {
+                        let text = sql::usage_totals_query(query.tenant_id.is_some());
+                        let mut select = sqlx::query(&text).bind(&query.from).bind(&query.to);
+                        if let Some(tenant_id) = &query.tenant_id {
+                            select = select.bind(tenant_id);
+                        }
+                        let rows = select
+                            .bind(i64::from(query.limit))
+                            .fetch_all(&self.pool)
+                            .await?;
+                        rows.iter()
+                            .map(|row| {
+                                Ok(UsageTotal {
+                                    day: row.try_get("day")?,
+                                    tenant_id: row.try_get("tenant_id")?,
+                                    provider: row.try_get("provider")?,
+                                    model: row.try_get("model")?,
+                                    messages: row.try_get("messages")?,
+                                    prompt_tokens: row.try_get("prompt_tokens")?,
+                                    completion_tokens: row.try_get("completion_tokens")?,
+                                    cost_usd: row.try_get("cost_usd")?,
+                                })
+                            })
+                            .collect()
                     })
                 }
 
