@@ -141,6 +141,39 @@ impl Cluster {
         node
     }
 
+    /// Like [`spawn_node`](Self::spawn_node), with `server_toml` (lines of
+    /// `[server]` settings, e.g. `"shutdown_grace_secs = 20"`) added to the
+    /// node's `[server]` section.
+    pub async fn spawn_node_with_server(&self, name: &str, server_toml: &str) -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("spillway-node-{name}-"))
+            .tempdir()
+            .expect("temporary directory");
+        let config = self.config_text(name, dir.path()).replacen(
+            "[server]\n",
+            &format!("[server]\n{server_toml}\n"),
+            1,
+        );
+        let config_path = dir.path().join("spillway.toml");
+        std::fs::write(&config_path, &config).expect("write the node's config");
+        let process = Process::serve_isolated(
+            &["--config", config_path.to_str().expect("utf-8 path")],
+            &[("SPILLWAY_LOG_LEVEL", "info")],
+        )
+        .await;
+        let node = Node {
+            id: name.to_owned(),
+            process,
+            config_path,
+            config,
+            _dir: dir,
+        };
+        if self.redis.is_some() {
+            node.wait_readyz(200).await;
+        }
+        node
+    }
+
     /// The config file of node `name`, its data (journal) under `data_dir`.
     pub fn config_text(&self, name: &str, data_dir: &std::path::Path) -> String {
         let mut text = format!(
