@@ -1615,3 +1615,123 @@ fn parse_scalar(raw: &str) -> toml::Value {
         _ => toml::Value::String(raw.to_owned()),
     }
 }
+
+/// What replaces a secret in [`Config::redacted_toml`].
+pub const REDACTED: &str = "[redacted]";
+
+impl Config {
+    /// The effective configuration (file, environment and defaults) as
+    /// TOML, with secrets redacted: passwords in URLs (`database_url`,
+    /// `redis_url`, any `*_url`) and the value of any key that names a
+    /// secret itself (`*secret*`, `*password*`, `*token*`, `api_key`)
+    /// rather than the variable holding one (`*_env`, which stay).
+    pub fn redacted_toml(&self) -> String {
+        let mut value = match toml::Value::try_from(self) {
+            Ok(value) => value,
+            Err(err) => return format!("# the configuration could not be shown: {err}\n"),
+        };
+        redact(&mut value, "");
+        toml::to_string_pretty(&value).unwrap_or_default()
+    }
+}
+
+fn redact(value: &mut toml::Value, key: &str) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, value) in table.iter_mut() {
+                redact(value, key);
+            }
+        }
+        toml::Value::Array(items) => {
+            for item in items {
+                redact(item, key);
+            }
+        }
+        toml::Value::String(text) => {
+            let key = key.to_ascii_lowercase();
+            let names_a_secret = !key.ends_with("_env")
+                && (key.contains("secret")
+                    || key.contains("password")
+                    || key.contains("token")
+                    || key == "api_key");
+            if names_a_secret && !text.is_empty() {
+                *text = REDACTED.to_owned();
+            } else if key.ends_with("url") {
+                *text = redact_url(text);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `scheme://user:password@host/...` with the password redacted (and a
+/// `?password=` query parameter).
+fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = &out[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            let userinfo = &rest[..at];
+            if let Some(colon) = userinfo.find(':') {
+                let start = scheme_end + 3 + colon + 1;
+                let end = scheme_end + 3 + at;
+                out.replace_range(start..end, REDACTED);
+            }
+        }
+    }
+    if let Some(query) = out.find('?') {
+        let (head, tail) = out.split_at(query + 1);
+        let redacted: Vec<String> = tail
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if name.eq_ignore_ascii_case("password") => {
+                    format!("{name}={REDACTED}")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", redacted.join("&"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn url_passwords_are_redacted_and_the_rest_kept() {
+        assert_eq!(
+            redact_url("postgres://app:s3cr3t@db.internal:5432/chat?sslmode=require"),
+            "postgres://app:[redacted]@db.internal:5432/chat?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("redis://:hunter2@127.0.0.1:6379/0"),
+            "redis://:[redacted]@127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact_url("postgres://localhost/test?user=a&password=b"),
+            "postgres://localhost/test?user=a&password=[redacted]"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+    }
+
+    #[test]
+    fn the_effective_config_shows_no_secret() {
+        let mut config = Config::default();
+        config.store.database_url = Some("postgres://app:pg-pass-123@db/chat".into());
+        config.cluster.redis_url = "rediss://default:redis-pass-456@cache:6380".into();
+        let text = config.redacted_toml();
+        assert!(!text.contains("pg-pass-123"), "{text}");
+        assert!(!text.contains("redis-pass-456"), "{text}");
+        assert!(text.contains("postgres://app:[redacted]@db/chat"), "{text}");
+        // The names of variables holding secrets stay: they are not secret.
+        assert!(text.contains("hs256_secret_env"), "{text}");
+        let back: toml::Value = toml::from_str(&text).expect("valid TOML");
+        assert!(back.get("server").is_some());
+    }
+}

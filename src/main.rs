@@ -38,10 +38,15 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Validate a config file (and the SPILLWAY_* environment) and exit:
-    /// 0 when valid, 1 with a message naming the offending key otherwise.
+    /// 0 when valid, 1 with a message naming the offending key otherwise;
+    /// `--print` shows the effective configuration, secrets redacted.
     CheckConfig {
         /// The TOML config file.
         file: PathBuf,
+        /// Print the effective configuration (file, environment, defaults)
+        /// as TOML, secrets redacted.
+        #[arg(long)]
+        print: bool,
     },
     /// Manage API keys (server-to-server credentials).
     Keys {
@@ -202,7 +207,7 @@ fn main() -> ExitCode {
             eprintln!("revoked token {jti}");
             Ok(())
         }),
-        Command::CheckConfig { file } => match Config::load(Some(&file)) {
+        Command::CheckConfig { file, print } => match Config::load(Some(&file)) {
             Ok(config) => {
                 for warning in spillway::http::Gateway::check_keys(&config) {
                     eprintln!("warning: {warning}");
@@ -213,6 +218,9 @@ fn main() -> ExitCode {
                     config.providers.len(),
                     config.models.len()
                 );
+                if print {
+                    print!("{}", config.redacted_toml());
+                }
                 ExitCode::SUCCESS
             }
             Err(err) => fail(&err),

@@ -353,3 +353,48 @@ async fn api_keys_tokens_and_their_secrets_never_reach_the_log_even_at_trace() {
         "message content leaked into the log"
     );
 }
+
+/// `check-config --print` shows the effective configuration (file,
+/// environment, defaults) as TOML, with passwords in URLs redacted.
+#[tokio::test]
+async fn check_config_prints_the_effective_config_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spillway.toml");
+    std::fs::write(&path, "[server]\nshutdown_grace_secs = 42\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--print"])
+        .arg(&path)
+        .env(
+            "SPILLWAY_DATABASE_URL",
+            "postgres://app:pg-very-secret@db/chat",
+        )
+        .env(
+            "SPILLWAY_REDIS_URL",
+            "redis://:redis-very-secret@cache:6379",
+        )
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let all = format!("{printed}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!all.contains("pg-very-secret"), "{all}");
+    assert!(!all.contains("redis-very-secret"), "{all}");
+    let effective: toml::Value = toml::from_str(&printed).expect("TOML");
+    assert_eq!(
+        effective["server"]["shutdown_grace_secs"].as_integer(),
+        Some(42)
+    );
+    assert_eq!(
+        effective["store"]["database_url"].as_str(),
+        Some("postgres://app:[redacted]@db/chat")
+    );
+    assert_eq!(
+        effective["cluster"]["redis_url"].as_str(),
+        Some("redis://:[redacted]@cache:6379")
+    );
+}

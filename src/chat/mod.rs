@@ -1081,6 +1081,7 @@ impl Chat {
             tools: None,
             tool_choice: None,
             user: Some(owner.user_id.clone()),
+            trace: crate::telemetry::current(),
             extra: serde_json::Map::new(),
         };
         let options = StartOptions {
@@ -1539,20 +1540,24 @@ pub fn meter(
     limits: Arc<crate::limits::Limits>,
     tenant: String,
 ) {
-    tokio::spawn(async move {
-        generation.ended().await;
-        match generation.usage() {
-            Some(record) => {
-                reservation.settle(record.usage.total_tokens());
-                record_usage_metrics(&tenant, record);
-                if let Some(cost) = record.cost_usd {
-                    limits.record_cost(&tenant, cost);
+    let span = tracing::Span::current();
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            generation.ended().await;
+            match generation.usage() {
+                Some(record) => {
+                    reservation.settle(record.usage.total_tokens());
+                    record_usage_metrics(&tenant, record);
+                    if let Some(cost) = record.cost_usd {
+                        limits.record_cost(&tenant, cost);
+                    }
                 }
+                // No record: keep the estimate counted.
+                None => drop(reservation),
             }
-            // No record: keep the estimate counted.
-            None => drop(reservation),
-        }
-    });
+        },
+        span,
+    ));
 }
 
 /// Counts one reply's tokens (per attempt that billed) and cost in the

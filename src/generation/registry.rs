@@ -155,18 +155,23 @@ impl Registry {
             (generation, subscriber, driver)
         };
         let registry = Arc::clone(self);
-        self.tasks.spawn(async move {
-            driver.await;
-            // Keep the finished log resumable for a while, unless we are
-            // shutting down.
-            if !options.retain.is_zero() {
-                tokio::select! {
-                    () = tokio::time::sleep(options.retain) => {}
-                    () = registry.shutdown.cancelled() => {}
+        // The reply's work logs under the request that started it.
+        let span = tracing::info_span!("generation", generation_id = %generation.id());
+        self.tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                driver.await;
+                // Keep the finished log resumable for a while, unless we are
+                // shutting down.
+                if !options.retain.is_zero() {
+                    tokio::select! {
+                        () = tokio::time::sleep(options.retain) => {}
+                        () = registry.shutdown.cancelled() => {}
+                    }
                 }
-            }
-            registry.lock().remove(&generation.id());
-        });
+                registry.lock().remove(&generation.id());
+            },
+            span,
+        ));
         Ok(subscriber)
     }
 

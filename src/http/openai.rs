@@ -78,8 +78,10 @@ async fn complete(
         Some(principal) => Some(principal.owner()),
         None => super::dev_owner(request.headers()),
     };
+    let trace = crate::telemetry::Trace::from_headers(request_id, request.headers());
     let body = super::read_body(request.into_body(), limit).await?;
-    let (chat, delivery) = parse_request(&body)?;
+    let (mut chat, delivery) = parse_request(&body)?;
+    chat.trace = Some(trace);
     // Limits count under the principal, or in development mode under the
     // named user (anonymous calls share one key).
     let (limit_key, tier, tenant, user) = match (&caller, &owner) {

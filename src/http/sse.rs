@@ -253,42 +253,40 @@ pub async fn send(
             .await
             .map_err(|limited| super::limited_error(&limited))?;
         let limit = gateway.config.server.max_body_bytes;
+        let trace = crate::telemetry::Trace::from_headers(&request_id, request.headers());
         let body = super::read_body(request.into_body(), limit).await?;
         let body: SendBody = super::parse_json(&body)?;
-        let ack = gateway
-            .chat
-            .send(
-                None,
-                &principal,
-                &conversation_id,
-                body.content,
-                body.client_message_id,
-                body.model,
-            )
-            .await
-            .map_err(|err| {
-                if let crate::chat::ChatError::Limited(limited) = &err {
-                    return super::limited_error(limited);
-                }
-                let mut api = ApiError::invalid_request(err.code(), err.to_string());
-                api.status = match err {
-                    crate::chat::ChatError::NotFound => StatusCode::NOT_FOUND,
-                    crate::chat::ChatError::UnknownModel(_) => StatusCode::NOT_FOUND,
-                    crate::chat::ChatError::TooManyGenerations(_) => StatusCode::TOO_MANY_REQUESTS,
-                    crate::chat::ChatError::Invalid(_) => StatusCode::BAD_REQUEST,
-                    crate::chat::ChatError::InProgress => StatusCode::CONFLICT,
-                    _ => StatusCode::SERVICE_UNAVAILABLE,
-                };
-                api.retryable = err.retryable();
-                if api.status == StatusCode::TOO_MANY_REQUESTS {
-                    api.kind = "rate_limit_error";
-                    api.retry_after = Some(Duration::from_secs(1));
-                } else if api.status == StatusCode::SERVICE_UNAVAILABLE {
-                    api.kind = "server_error";
-                    api.retry_after = Some(Duration::from_secs(1));
-                }
-                api
-            })?;
+        let sent = gateway.chat.send(
+            None,
+            &principal,
+            &conversation_id,
+            body.content,
+            body.client_message_id,
+            body.model,
+        );
+        let ack = crate::telemetry::scoped(trace, sent).await.map_err(|err| {
+            if let crate::chat::ChatError::Limited(limited) = &err {
+                return super::limited_error(limited);
+            }
+            let mut api = ApiError::invalid_request(err.code(), err.to_string());
+            api.status = match err {
+                crate::chat::ChatError::NotFound => StatusCode::NOT_FOUND,
+                crate::chat::ChatError::UnknownModel(_) => StatusCode::NOT_FOUND,
+                crate::chat::ChatError::TooManyGenerations(_) => StatusCode::TOO_MANY_REQUESTS,
+                crate::chat::ChatError::Invalid(_) => StatusCode::BAD_REQUEST,
+                crate::chat::ChatError::InProgress => StatusCode::CONFLICT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            api.retryable = err.retryable();
+            if api.status == StatusCode::TOO_MANY_REQUESTS {
+                api.kind = "rate_limit_error";
+                api.retry_after = Some(Duration::from_secs(1));
+            } else if api.status == StatusCode::SERVICE_UNAVAILABLE {
+                api.kind = "server_error";
+                api.retry_after = Some(Duration::from_secs(1));
+            }
+            api
+        })?;
         let ServerFrame::Ack { generation_id, .. } = &ack else {
             return Err(ApiError::invalid_request("internal_error", "no ack"));
         };

@@ -189,7 +189,17 @@ pub async fn upgrade(
         .on_upgrade(move |socket| async move {
             match (principal, admitted) {
                 (Ok(principal), Ok(permit)) => {
-                    run(gateway, principal, headers, session, socket).await;
+                    let request_id = headers
+                        .get(super::REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned();
+                    let span = tracing::info_span!("ws", request_id = %request_id);
+                    tracing::Instrument::instrument(
+                        run(gateway, principal, headers, session, socket),
+                        span,
+                    )
+                    .await;
                     drop(permit);
                 }
                 (Ok(_), Err(limited)) => {
@@ -505,16 +515,25 @@ impl Connection {
                 client_message_id,
                 model,
             } => {
-                let sent = chat
-                    .send(
+                // Upstream calls carry the upgrade's request id (and trace).
+                let request_id = self
+                    .headers
+                    .get(super::REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                let trace = crate::telemetry::Trace::from_headers(request_id, &self.headers);
+                let sent = crate::telemetry::scoped(
+                    trace,
+                    chat.send(
                         Some((self.id, &self.outbox)),
                         &self.principal,
                         &conversation_id,
                         content,
                         client_message_id.clone(),
                         model,
-                    )
-                    .await;
+                    ),
+                )
+                .await;
                 match sent {
                     Ok(ack) => vec![ack],
                     Err(err) => vec![err.frame(Some(client_message_id))],

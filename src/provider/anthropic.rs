@@ -79,6 +79,7 @@ impl Provider for AnthropicProvider {
                 .post(&self.url)
                 .header("anthropic-version", API_VERSION)
                 .json(&body);
+            call = crate::telemetry::propagate(call, request.trace.as_ref());
             if let Some(key) = &self.key {
                 call = call.header("x-api-key", key.expose());
             }

@@ -92,6 +92,7 @@ impl Provider for GeminiProvider {
         Box::pin(async move {
             let body = translate_request(&request);
             let mut call = self.client.post(self.url(&request.model)).json(&body);
+            call = crate::telemetry::propagate(call, request.trace.as_ref());
             if let Some(key) = &self.key {
                 call = call.header("x-goog-api-key", key.expose());
             }

@@ -79,7 +79,9 @@ impl Provider for OpenAiProvider {
 
     fn stream(&self, request: ChatRequest) -> BoxFuture<'_, Result<EventStream, ProviderError>> {
         Box::pin(async move {
+            let trace = request.trace.clone();
             let mut call = self.client.post(&self.url).json(&Self::body(request));
+            call = crate::telemetry::propagate(call, trace.as_ref());
             if let Some(key) = &self.key {
                 call = call.bearer_auth(key.expose());
             }

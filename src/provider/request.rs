@@ -37,6 +37,10 @@ pub struct ChatRequest {
     /// `"auto"`, `"none"`, `"required"` or a named function.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_choice: Option<Value>,
+    /// The request id and W3C trace context sent upstream with it (never
+    /// part of the body).
+    #[serde(skip)]
+    pub trace: Option<crate::telemetry::Trace>,
     /// End-user identifier for the provider's abuse tracking.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
