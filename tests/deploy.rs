@@ -554,17 +554,31 @@ fn final_image_runs_as_a_numeric_non_root_user() {
             instruction.line
         );
     }
-    // The data dir exists and belongs to that user: a RUN of the final
-    // stage creates it and names the UID.
+    // The data dir exists and belongs to that user: a command of the final
+    // stage's RUNs gives it to the UID (`install -d -o UID … DIR` or
+    // `chown UID[:GID] … DIR`).
     let data_dir = runtime
         .env()
         .get("SPILLWAY_DATA_DIR")
         .cloned()
         .expect("the image sets SPILLWAY_DATA_DIR");
-    let creates = runtime
+    let owner = uid.to_string();
+    let owned = |words: &[String]| match words.first().map(String::as_str) {
+        Some("install") => words
+            .windows(2)
+            .any(|w| (w[0] == "-o" || w[0] == "--owner") && w[1] == owner),
+        Some("chown") => words
+            .iter()
+            .skip(1)
+            .find(|w| !w.starts_with('-'))
+            .is_some_and(|spec| spec.split(':').next() == Some(owner.as_str())),
+        _ => false,
+    };
+    let gives = runtime
         .all("RUN")
-        .any(|r| r.args.contains(&data_dir) && r.args.contains(&uid.to_string()));
-    assert!(creates, "no RUN creates {data_dir} for UID {uid}");
+        .flat_map(|r| r.args.split("&&").map(shell_words).collect::<Vec<_>>())
+        .any(|words| owned(&words) && words.contains(&data_dir));
+    assert!(gives, "no RUN gives {data_dir} to UID {uid}");
 }
 
 /// The release build uses Cargo.lock as committed (`--locked`), builds the

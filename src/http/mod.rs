@@ -431,8 +431,12 @@ pub(crate) async fn read_body(
         Err(err) => {
             let too_large = std::error::Error::source(&err)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            let stalled = std::error::Error::source(&err)
-                .is_some_and(|s| s.is::<tower_http::timeout::TimeoutError>());
+            let mut cause = std::error::Error::source(&err);
+            let mut stalled = false;
+            while let Some(inner) = cause {
+                stalled |= inner.is::<tower_http::timeout::TimeoutError>();
+                cause = inner.source();
+            }
             if too_large {
                 Err(ApiError::body_too_large(limit))
             } else if stalled {
