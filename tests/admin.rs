@@ -503,6 +503,7 @@ async fn providers_show_each_target_with_its_breaker_state_and_window_outcomes()
 
     // One reply that succeeds, one the upstream fails with a 500.
     let cred = Cred::key(&chat, "ada");
+    upstream.push(openai_stream(&["fine"], Duration::ZERO));
     let response = call(
         &gateway,
         "POST",
@@ -906,7 +907,7 @@ async fn revoking_a_token_refuses_its_jwt_at_once_and_stores_the_revocation() {
     );
 
     for (body, code, param) in [
-        (json!({ "expires_at": exp }), "invalid_json", None),
+        (json!({ "expires_at": exp }), "invalid_type", None),
         (
             json!({ "jti": "", "expires_at": exp }),
             "invalid_value",
@@ -919,8 +920,8 @@ async fn revoking_a_token_refuses_its_jwt_at_once_and_stores_the_revocation() {
         ),
         (
             json!({ "jti": "x", "expires_at": exp, "extra": 1 }),
-            "invalid_json",
-            None,
+            "invalid_type",
+            Some("extra"),
         ),
     ] {
         let response = call(

@@ -3207,6 +3207,42 @@ async fn a_key_removed_from_the_jwks_stops_verifying_once_the_cached_set_expires
     }
 }
 
+/// Two PEM keys of one algorithm are both trusted (the documented way to
+/// rotate a PEM key: add the new file, then remove the old): a token
+/// without `kid` signed with either verifies, one signed with neither does
+/// not.
+#[tokio::test]
+async fn every_pem_key_of_an_algorithm_is_tried_so_a_new_one_can_be_added_before_rotating() {
+    let upstream = FakeUpstream::start().await;
+    let gateway = gateway_with(&upstream, |config| {
+        config.auth.jwt.public_key_files = vec![
+            fixture_path("rsa_public.pem"),
+            fixture_path("rsa_other_public.pem"),
+        ];
+    })
+    .await;
+    for pem in ["rsa_private.pem", "rsa_other_private.pem"] {
+        let token = signed_with(pem, None, "ada");
+        assert_eq!(list_status(&gateway, &token).await, 200, "{pem}");
+    }
+    let ec = signed_with("ec_private.pem", None, "ada");
+    let response = call(
+        &gateway,
+        "GET",
+        "/v1/conversations",
+        &Cred::bearer(&ec),
+        None,
+    )
+    .await;
+    refused(
+        response,
+        401,
+        "invalid_signature",
+        "no ES256 key configured",
+    )
+    .await;
+}
+
 /// `auth.jwt.jwks_url` is checked at config load: https anywhere, http
 /// only for a loopback host; anything else is a typed error naming the
 /// key.

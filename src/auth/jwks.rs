@@ -381,11 +381,11 @@ mod tests {
 
     use super::*;
 
-    /// An RSA public key (the test fixture's) as a JWK's `n` and `e`.
-    const RSA_N: &str = include_str!("../../tests/fixtures/auth/rsa_public.jwk.json");
+    /// The test fixture RSA public key as a JWK (`kty`, `n`, `e`).
+    const RSA_JWK: &str = include_str!("../../tests/fixtures/auth/rsa_public.jwk.json");
 
     fn fixture_jwk(extra: Value) -> Value {
-        let mut jwk: Value = serde_json::from_str(RSA_N).unwrap();
+        let mut jwk: Value = serde_json::from_str(RSA_JWK).unwrap();
         for (name, value) in extra.as_object().unwrap() {
             jwk[name] = value.clone();
         }

@@ -1,7 +1,10 @@
 //! The HTTP edge: the axum router, its middleware, and serving.
 //!
 //! One file per surface: [`openai`] (the OpenAI-compatible API),
-//! [`conversations`] (the history API) and [`assets`] (the demo page). Every handler returns [`ApiError`] on
+//! [`conversations`] (the history API), [`ws`] and [`sse`] (the native
+//! protocol), [`widget`], [`admin`] (the operators' API), [`ops`]
+//! (`/healthz`, `/readyz`, `/metrics`) and [`assets`] (the demo page);
+//! [`server`] accepts connections and [`drain`] is the graceful shutdown. Every handler returns [`ApiError`] on
 //! failure; every response carries an `x-request-id` (the client's, when it
 //! sent one, else a fresh UUIDv7).
 

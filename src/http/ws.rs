@@ -666,6 +666,7 @@ fn close_reason(code: u16) -> &'static str {
         close::UNAUTHORIZED | close::FORBIDDEN => "auth",
         close::TOO_BIG => "too_big",
         close::PROTOCOL_ERROR => "protocol",
+        close::CLOSED_BY_OPERATOR => "operator",
         _ => "other",
     }
 }

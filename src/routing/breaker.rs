@@ -183,7 +183,7 @@ impl Breaker {
     /// those of the current closed period, or, while open or half-open,
     /// of the closed period that opened it (until they age out). A probe
     /// that closes the breaker starts an empty window. Reading changes
-    /// nothing but the lazy open → half-open step [`Breaker::state`] takes.
+    /// nothing.
     pub fn recent(&self) -> Recent {
         let now = Instant::now();
         let inner = self.lock();
