@@ -129,7 +129,7 @@ textarea { flex: 1; resize: none; border: 1px solid var(--line); border-radius: 
       if (m.index > last) out.push(document.createTextNode(text.slice(last, m.index)));
       if (m[2] !== undefined) out.push(h("code", { text: m[2] }));
       else if (m[3] !== undefined || m[4] !== undefined) out.push(h("strong", null, ...inline(m[3] ?? m[4])));
-      else if (m[5] !== undefined) out.push(link(m[5], m[6]));
+      else if (m[5] !== undefined) out.push(safeHref(m[6]) ? link(m[5], m[6]) : document.createTextNode(m[0]));
       else if (m[7] !== undefined || m[8] !== undefined) out.push(h("em", null, ...inline(m[7] ?? m[8])));
       else out.push(link(m[0], m[0]));
       last = m.index + m[0].length;

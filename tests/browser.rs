@@ -273,3 +273,136 @@ async fn host_pages_are_served_from_origins_of_their_own() {
     let env = BrowserEnv::start().await;
     env.run_scenario("host_page_origin", Value::Null).await;
 }
+
+/// The words the fake upstream streams for widget scenarios, and the
+/// answer they make.
+fn answer_tokens(n: usize) -> (Vec<String>, String) {
+    let words = [
+        "Spillway", "relays", "every", "token", "as", "it", "streams,", "and", "a", "reply",
+        "survives", "reloads", "and", "dropped", "sockets.",
+    ];
+    let tokens: Vec<String> = (0..n)
+        .map(|i| {
+            let word = words[i % words.len()];
+            if i == 0 {
+                word.to_owned()
+            } else {
+                format!(" {word}")
+            }
+        })
+        .collect();
+    let text = tokens.concat();
+    (tokens, text)
+}
+
+/// A world whose upstream answers every request with `n` paced tokens;
+/// returns it with the answer's text.
+async fn paced_world(n: usize, pace_ms: u64) -> (BrowserEnv, String) {
+    let env = BrowserEnv::start().await;
+    let (tokens, text) = answer_tokens(n);
+    env.upstream.set_default(openai_stream(
+        &refs(&tokens),
+        Duration::from_millis(pace_ms),
+    ));
+    (env, text)
+}
+
+fn refs(tokens: &[String]) -> Vec<&str> {
+    tokens.iter().map(String::as_str).collect()
+}
+
+#[tokio::test]
+async fn demo_page_widget_streams_an_answer_in_many_updates() {
+    let (env, text) = paced_world(30, 60).await;
+    env.run_scenario("widget_streams", json!({ "EXPECTED_TEXT": text }))
+        .await;
+}
+
+#[tokio::test]
+async fn reload_mid_answer_resumes_to_the_full_answer_without_duplicates() {
+    let (env, text) = paced_world(40, 60).await;
+    env.run_scenario("widget_reload", json!({ "EXPECTED_TEXT": text }))
+        .await;
+}
+
+#[tokio::test]
+async fn killed_websocket_reconnects_and_the_answer_completes() {
+    let (env, text) = paced_world(40, 60).await;
+    env.run_scenario("widget_socket_killed", json!({ "EXPECTED_TEXT": text }))
+        .await;
+}
+
+#[tokio::test]
+async fn second_tab_of_the_same_visitor_shows_the_conversation_live() {
+    let (env, text) = paced_world(40, 60).await;
+    env.run_scenario("widget_second_tab", json!({ "EXPECTED_TEXT": text }))
+        .await;
+}
+
+#[tokio::test]
+async fn markup_in_model_output_renders_as_text() {
+    let env = BrowserEnv::start().await;
+    let tokens = [
+        "Here: <script>window.xssScript = 1</script>",
+        " and <img src=x onerror=\"window.xssImage = 1\">",
+        " and [click me](javascript:window.xssLink=1)",
+        " and <b onclick=\"window.xssLink = 2\">bold?</b>",
+    ];
+    env.upstream
+        .set_default(openai_stream(&tokens, Duration::from_millis(20)));
+    env.run_scenario(
+        "widget_untrusted_output",
+        json!({ "EXPECTED_TEXT": tokens.concat() }),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn host_page_css_does_not_reach_the_widget() {
+    let (env, text) = paced_world(8, 20).await;
+    env.run_scenario("widget_host_css", json!({ "EXPECTED_TEXT": text }))
+        .await;
+}
+
+#[tokio::test]
+async fn narrow_viewport_gets_the_full_screen_panel() {
+    let (env, text) = paced_world(30, 40).await;
+    env.run_scenario("widget_mobile", json!({ "EXPECTED_TEXT": text }))
+        .await;
+}
+
+#[tokio::test]
+async fn sse_transport_streams_without_a_websocket() {
+    let (env, text) = paced_world(30, 40).await;
+    env.run_scenario("widget_sse", json!({ "EXPECTED_TEXT": text }))
+        .await;
+}
+
+#[tokio::test]
+async fn embed_works_from_an_allowed_origin_and_is_refused_elsewhere() {
+    const KEY: &str = "pk_browser_embed";
+    // Development mode honours configured widgets (signed with a secret of
+    // the process), so no secret has to be put in the environment.
+    let env = BrowserEnv::start_with(|peers| {
+        format!(
+            "{}\n[[auth.widgets]]\nkey = \"{KEY}\"\ntenant = \"acme\"\norigins = [\"{}\"]\n",
+            openai_config(peers.upstream),
+            peers.host_allowed,
+        )
+    })
+    .await;
+    let (tokens, text) = answer_tokens(20);
+    env.upstream
+        .set_default(openai_stream(&refs(&tokens), Duration::from_millis(30)));
+    env.run_scenario(
+        "embed_origins",
+        json!({ "EXPECTED_TEXT": text, "WIDGET_KEY": KEY }),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn widget_and_sdk_stay_under_40_kb_minified() {
+    let env = BrowserEnv::start().await;
+    env.run_scenario("bundle_size", Value::Null).await;
+}

@@ -260,6 +260,38 @@ impl<'a> Credentials<'a> {
             .get(http::header::ORIGIN)
             .and_then(|v| v.to_str().ok())
     }
+
+    /// Whether the request comes from a page of the gateway's own origin
+    /// (the `/embed` page): `Sec-Fetch-Site: same-origin`, or an `Origin`
+    /// naming the `Host` it is sent to.
+    /// The scheme is not compared: behind a TLS proxy the page is https
+    /// while the gateway speaks http.
+    fn same_origin(&self) -> bool {
+        // Browsers send no `Origin` on same-origin GETs, but they do send
+        // `Sec-Fetch-Site`, which no page can set.
+        let fetch_site = self
+            .headers
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok());
+        if fetch_site == Some("same-origin") {
+            return true;
+        }
+        let host = self
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok());
+        let authority = self
+            .origin()
+            .and_then(|o| o.split_once("://"))
+            .map(|(_, authority)| authority);
+        matches!((host, authority), (Some(h), Some(a)) if !h.is_empty() && h.eq_ignore_ascii_case(a))
+    }
+
+    /// Whether these credentials come from a page that may use `widget`:
+    /// one of its origins, or the gateway's own embed page.
+    fn widget_page(&self, widget: &WidgetConfig) -> bool {
+        origin_allowed(widget, self.origin()) || self.same_origin()
+    }
 }
 
 /// A verification key for user JWTs.
@@ -339,7 +371,21 @@ impl Auth {
             }
             None => None,
         };
-        let visitor = secret(&auth.visitors.secret_env)?.map(|bytes| {
+        let mut visitor_secret = secret(&auth.visitors.secret_env)?;
+        if visitor_secret.is_none() && !auth.enabled {
+            // Development mode: the demo widget needs visitor tokens, and a
+            // newcomer has set no secret. One for this process only.
+            let mut bytes = vec![0u8; 32];
+            getrandom::fill(&mut bytes).map_err(|err| {
+                SetupError::Secret(format!("no randomness for a visitor secret: {err}"))
+            })?;
+            tracing::warn!(
+                "{} is not set: visitor tokens are signed with a secret made for this process (they do not survive a restart or work on other instances)",
+                auth.visitors.secret_env
+            );
+            visitor_secret = Some(bytes);
+        }
+        let visitor = visitor_secret.map(|bytes| {
             (
                 EncodingKey::from_secret(&bytes),
                 DecodingKey::from_secret(&bytes),
@@ -396,11 +442,7 @@ impl Auth {
             verifiers,
             jwks,
             visitor,
-            widgets: auth
-                .widgets
-                .iter()
-                .map(|w| (w.key.clone(), w.clone()))
-                .collect(),
+            widgets: widgets(auth),
             revoked: RwLock::new(HashSet::new()),
             keys: Mutex::new(HashMap::new()),
         })
@@ -460,6 +502,16 @@ impl Auth {
         credentials: &Credentials<'_>,
     ) -> Result<Principal, AuthError> {
         if !self.config.enabled {
+            // A widget visitor's token is honoured in development mode too,
+            // so the widget works the same way in both modes.
+            if let Some(token) = credentials.bearer()
+                && jsonwebtoken::decode_header(token)
+                    .is_ok_and(|h| h.kid.as_deref() == Some(VISITOR_KID))
+            {
+                let principal = self.visitor_token(token, credentials)?;
+                self.check_revoked(&principal)?;
+                return Ok(principal);
+            }
             return self.dev(credentials);
         }
         let token = credentials
@@ -754,7 +806,7 @@ impl Auth {
             .widgets
             .get(widget_key)
             .ok_or(AuthError::UnknownWidget)?;
-        if !origin_allowed(widget, credentials.origin()) {
+        if !credentials.widget_page(widget) {
             return Err(AuthError::OriginNotAllowed);
         }
         let user = claims
@@ -790,7 +842,7 @@ impl Auth {
         credentials: &Credentials<'_>,
     ) -> Result<(String, Principal), AuthError> {
         let widget = self.widgets.get(key).ok_or(AuthError::UnknownWidget)?;
-        if !origin_allowed(widget, credentials.origin()) {
+        if !credentials.widget_page(widget) {
             return Err(AuthError::OriginNotAllowed);
         }
         let (encoding, _) = self.visitor.as_ref().ok_or(AuthError::UnknownWidget)?;
@@ -851,6 +903,29 @@ impl Auth {
     pub fn forget_api_key(&self, id: &str) {
         lock(&self.keys).remove(id);
     }
+}
+
+/// The public key of the widget development mode always has (any origin,
+/// tenant `default`), so the demo page works with no configuration.
+pub const DEMO_WIDGET_KEY: &str = "pk_demo";
+
+/// The configured widgets by key, plus the demo widget in development mode.
+fn widgets(auth: &AuthConfig) -> HashMap<String, WidgetConfig> {
+    let mut widgets: HashMap<String, WidgetConfig> = auth
+        .widgets
+        .iter()
+        .map(|w| (w.key.clone(), w.clone()))
+        .collect();
+    if !auth.enabled {
+        widgets
+            .entry(DEMO_WIDGET_KEY.to_owned())
+            .or_insert_with(|| WidgetConfig {
+                key: DEMO_WIDGET_KEY.to_owned(),
+                origins: vec!["*".to_owned()],
+                ..WidgetConfig::default()
+            });
+    }
+    widgets
 }
 
 /// Whether `origin` may use `widget`: listed, or the widget allows `*`. A

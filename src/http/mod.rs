@@ -3,7 +3,8 @@
 //! One file per surface: [`openai`] (the OpenAI-compatible API),
 //! [`conversations`] (the history API), [`ws`] and [`sse`] (the native
 //! protocol), [`widget`], [`admin`] (the operators' API), [`ops`]
-//! (`/healthz`, `/readyz`, `/metrics`) and [`assets`] (the demo page);
+//! (`/healthz`, `/readyz`, `/metrics`) and [`assets`] (the demo page, the
+//! widget, the SDK and the embed page);
 //! [`server`] accepts connections and [`drain`] is the graceful shutdown. Every handler returns [`ApiError`] on
 //! failure; every response carries an `x-request-id` (the client's, when it
 //! sent one, else a fresh UUIDv7).
@@ -190,6 +191,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .merge(operator)
         .route("/", get(assets::index))
+        .route("/widget.js", get(assets::widget_js))
+        .route("/sdk/spillway.js", get(assets::sdk_js))
+        .route("/sdk/spillway.d.ts", get(assets::sdk_types))
+        .route("/embed", get(assets::embed))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/v1/models", get(openai::list_models))
