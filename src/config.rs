@@ -229,7 +229,8 @@ pub struct GenerationConfig {
     pub resume_window_secs: u64,
     /// Seconds a generation keeps running with no subscriber (so a reload
     /// can resume) before its upstream is cancelled. The OpenAI-compatible
-    /// endpoint always uses 0: its callers cannot resume.
+    /// endpoint always uses 0 (its callers cannot resume); the AI SDK
+    /// endpoint uses this, for `useChat`'s resume request.
     pub grace_secs: u64,
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP edge: the axum router, its middleware, and serving.
 //!
 //! One file per surface: [`openai`] (the OpenAI-compatible API),
+//! [`ai_sdk`] (the Vercel AI SDK's UI message stream),
 //! [`conversations`] (the history API), [`ws`] and [`sse`] (the native
 //! protocol), [`widget`], [`admin`] (the operators' API), [`ops`]
 //! (`/healthz`, `/readyz`, `/metrics`) and [`assets`] (the demo page, the
@@ -10,6 +11,7 @@
 //! sent one, else a fresh UUIDv7).
 
 pub mod admin;
+pub mod ai_sdk;
 pub mod assets;
 pub mod conversations;
 pub mod drain;
@@ -74,6 +76,8 @@ pub struct Gateway {
     pub limits: Arc<crate::limits::Limits>,
     /// The graceful drain (SIGTERM).
     pub drain: drain::Drain,
+    /// AI SDK chat ids → their latest reply, for the resume request.
+    pub ai_streams: ai_sdk::Streams,
 }
 
 /// Why the gateway could not start.
@@ -135,6 +139,7 @@ impl Gateway {
             config.server.drain_batch_size,
             Duration::from_millis(config.server.drain_batch_interval_ms),
         );
+        let ai_streams = ai_sdk::Streams::new(config.generation.max_live);
         Ok(Arc::new(Self {
             config,
             routes,
@@ -147,6 +152,7 @@ impl Gateway {
             connections: ws::Connections::default(),
             auth,
             limits,
+            ai_streams,
             drain,
         }))
     }
@@ -199,6 +205,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/ai/chat", post(ai_sdk::chat))
+        .route("/v1/ai/chat/{id}/stream", get(ai_sdk::resume))
         .route(
             "/v1/conversations",
             post(conversations::create).get(conversations::list),

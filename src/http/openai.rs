@@ -46,7 +46,7 @@ pub async fn chat_completions(
     RequestId(request_id): RequestId,
     request: Request,
 ) -> Response {
-    match complete(gateway, &request_id, request).await {
+    match complete(gateway, &request_id, request, Surface::OpenAi).await {
         Ok(response) => response,
         Err(err) => err.with_request_id(&request_id).into_response(),
     }
@@ -54,15 +54,39 @@ pub async fn chat_completions(
 
 /// What the client asked for besides the chat request itself.
 #[derive(Debug, Clone, Copy)]
-struct Delivery {
-    stream: bool,
-    include_usage: bool,
+pub(super) struct Delivery {
+    pub(super) stream: bool,
+    pub(super) include_usage: bool,
 }
 
-async fn complete(
+/// Which stateless chat API a request came in on: both run the same
+/// path (credentials, limits, quota, persistence, one generation), and
+/// differ in their body, the reply's wire format and whether it can be
+/// resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Surface {
+    /// `POST /v1/chat/completions`: no resume (grace 0).
+    OpenAi,
+    /// `POST /v1/ai/chat` (`super::ai_sdk`): the AI SDK's UI message
+    /// stream, resumable by chat id within the native grace and window.
+    AiSdk,
+}
+
+impl Surface {
+    /// The `source` a persisted exchange's conversation records.
+    fn source(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::AiSdk => "ai-sdk",
+        }
+    }
+}
+
+pub(super) async fn complete(
     gateway: Arc<Gateway>,
     request_id: &str,
     request: Request,
+    surface: Surface,
 ) -> Result<Response, ApiError> {
     let limit = gateway.config.server.max_body_bytes;
     // Development mode: anyone may call, and `X-Spillway-User` (if any)
@@ -80,7 +104,20 @@ async fn complete(
     };
     let trace = crate::telemetry::Trace::from_headers(request_id, request.headers());
     let body = super::read_body(request.into_body(), limit).await?;
-    let (mut chat, delivery) = parse_request(&body)?;
+    let (mut chat, delivery, chat_id) = match surface {
+        Surface::OpenAi => {
+            let (chat, delivery) = parse_request(&body)?;
+            (chat, delivery, None)
+        }
+        Surface::AiSdk => {
+            let (chat, chat_id) = super::ai_sdk::parse(&body, &gateway.config)?;
+            let delivery = Delivery {
+                stream: true,
+                include_usage: false,
+            };
+            (chat, delivery, Some(chat_id))
+        }
+    };
     chat.trace = Some(trace);
     // Limits count under the principal, or in development mode under the
     // named user (anonymous calls share one key).
@@ -135,13 +172,22 @@ async fn complete(
         .ok_or_else(|| ApiError::unknown_model(&chat.model))?;
     let persist = match &gateway.persister {
         Some(persister) if gateway.config.store.persist_openai => {
-            Some(persist_request(persister, owner, &chat).await)
+            Some(persist_request(persister, owner, &chat, surface.source()).await)
         }
         _ => None,
     };
+    let (grace, retain) = match surface {
+        Surface::OpenAi => (Duration::ZERO, Duration::ZERO),
+        // A reload re-asks for the stream by chat id: keep the reply as the
+        // native protocol does.
+        Surface::AiSdk => (
+            Duration::from_secs(gateway.config.generation.grace_secs),
+            Duration::from_secs(gateway.config.generation.resume_window_secs),
+        ),
+    };
     let options = StartOptions {
-        grace: Duration::ZERO,
-        retain: Duration::ZERO,
+        grace,
+        retain,
         // OpenAI clients cannot be told to discard a partial answer.
         after_commit: AfterCommit::Continue,
         persist,
@@ -178,6 +224,12 @@ async fn complete(
         if let Ok(Err(outcome)) = tokio::time::timeout(heartbeat, subscriber.accepted()).await {
             return Err(ApiError::from(&outcome));
         }
+        if let Some(chat_id) = chat_id {
+            gateway
+                .ai_streams
+                .remember(&limit_key, &chat_id, subscriber.generation().id());
+            return Ok(super::ai_sdk::response(subscriber, heartbeat));
+        }
         let body = sse_body(subscriber, delivery, heartbeat, request_id.to_owned());
         Ok(sse_response(Body::from_stream(body)))
     } else {
@@ -198,6 +250,7 @@ async fn persist_request(
     persister: &Persister,
     owner: Option<Owner>,
     chat: &ChatRequest,
+    source: &'static str,
 ) -> PersistTo {
     let owner = owner.unwrap_or_else(|| Owner {
         tenant_id: super::DEV_TENANT.to_owned(),
@@ -210,7 +263,7 @@ async fn persist_request(
         tenant_id: owner.tenant_id.clone(),
         user_id: owner.user_id.clone(),
         title: None,
-        metadata: json!({ "source": "openai" }),
+        metadata: json!({ "source": source }),
         created_at: now,
         updated_at: now,
     };
@@ -255,7 +308,7 @@ pub fn check_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
 
 /// Parses and checks a chat completion request. Every rejection is a typed
 /// 400 naming the field at fault.
-fn parse_request(body: &[u8]) -> Result<(ChatRequest, Delivery), ApiError> {
+pub(super) fn parse_request(body: &[u8]) -> Result<(ChatRequest, Delivery), ApiError> {
     let mut chat: ChatRequest = super::parse_json(body)?;
     let delivery = take_delivery(&mut chat.extra)?;
     if chat.model.trim().is_empty() {
@@ -352,7 +405,7 @@ fn take_delivery(extra: &mut Map<String, Value>) -> Result<Delivery, ApiError> {
 
 /// The SSE response around `body`, with the headers that keep proxies from
 /// buffering it.
-fn sse_response(body: Body) -> Response {
+pub(super) fn sse_response(body: Body) -> Response {
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(
