@@ -171,7 +171,11 @@ pub async fn openai(http: &reqwest::Client, url: &str, model: &str, content: &st
 }
 
 /// `POST /v1/conversations` for `user`: the new conversation's id.
-pub async fn conversation(http: &reqwest::Client, base: &str, user: &str) -> Result<String, String> {
+pub async fn conversation(
+    http: &reqwest::Client,
+    base: &str,
+    user: &str,
+) -> Result<String, String> {
     let response = http
         .post(format!("{base}/v1/conversations"))
         .header("x-spillway-user", user)
@@ -199,7 +203,13 @@ pub async fn native_sse(
     let mut timing = Timing::new();
     let url = format!("{base}/v1/conversations/{conversation}/messages");
     let body = json!({ "content": content, "client_message_id": message_id });
-    let response = match http.post(url).header("x-spillway-user", user).json(&body).send().await {
+    let response = match http
+        .post(url)
+        .header("x-spillway-user", user)
+        .json(&body)
+        .send()
+        .await
+    {
         Ok(r) if r.status().is_success() => r,
         Ok(r) => return timing.end(End::Error(format!("http {}", r.status().as_u16()))),
         Err(err) => return timing.end(End::Error(format!("request: {err}"))),
@@ -220,7 +230,8 @@ pub async fn native_sse(
                 Some("done") => return timing.end(End::Done),
                 Some("error") => {
                     let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-                    return timing.end(End::Error(value["code"].as_str().unwrap_or("error").into()));
+                    return timing
+                        .end(End::Error(value["code"].as_str().unwrap_or("error").into()));
                 }
                 _ => {}
             }
@@ -232,13 +243,17 @@ pub async fn native_sse(
 /// A loopback TCP connection from source address 127.0.0.`source`.
 pub async fn connect_from(source: u8, to: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, source)), 0))?;
+    socket.bind(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, source)),
+        0,
+    ))?;
     let stream = socket.connect(to).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
 
-pub type WsSink = futures_util::stream::SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>;
+pub type WsSink =
+    futures_util::stream::SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>;
 pub type WsStream = futures_util::stream::SplitStream<WebSocketStream<MaybeTlsStream<TcpStream>>>;
 
 /// The longest a reply may stay silent before a client gives up on it.
@@ -261,19 +276,25 @@ impl Ws {
     ) -> Result<Self, String> {
         let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
         if let Some(size) = recv_buffer {
-            socket.set_recv_buffer_size(size).map_err(|e| e.to_string())?;
+            socket
+                .set_recv_buffer_size(size)
+                .map_err(|e| e.to_string())?;
         }
         socket
-            .bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, source)), 0))
+            .bind(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(127, 0, 0, source)),
+                0,
+            ))
             .map_err(|e| format!("bind 127.0.0.{source}: {e}"))?;
         let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         let mut request = format!("ws://{addr}/v1/ws?user={user}")
             .into_client_request()
             .map_err(|e| e.to_string())?;
-        request
-            .headers_mut()
-            .insert("sec-websocket-protocol", HeaderValue::from_static("spillway.v1"));
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static("spillway.v1"),
+        );
         let (socket, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
             .await
             .map_err(|e| format!("handshake: {e}"))?;
@@ -340,7 +361,8 @@ impl Ws {
                 }
                 Some("done") if id == generation.as_deref() => return timing.end(End::Done),
                 Some("error") if id.is_none() || id == generation.as_deref() => {
-                    return timing.end(End::Error(frame["code"].as_str().unwrap_or("error").into()));
+                    return timing
+                        .end(End::Error(frame["code"].as_str().unwrap_or("error").into()));
                 }
                 _ => {}
             }
@@ -374,15 +396,25 @@ impl Ws {
 
 /// An idle SSE reader: `GET path` over a raw connection from
 /// 127.0.0.`source`, reading (and discarding) until it ends.
-pub async fn idle_sse(addr: SocketAddr, source: u8, path: &str) -> Result<tokio::task::JoinHandle<()>, String> {
-    let mut stream = connect_from(source, addr).await.map_err(|e| e.to_string())?;
-    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\naccept: text/event-stream\r\n\r\n");
+pub async fn idle_sse(
+    addr: SocketAddr,
+    source: u8,
+    path: &str,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let mut stream = connect_from(source, addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\naccept: text/event-stream\r\n\r\n");
     stream
         .write_all(request.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
     let mut head = [0u8; 12];
-    stream.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    stream
+        .read_exact(&mut head)
+        .await
+        .map_err(|e| e.to_string())?;
     if &head[9..12] != b"200" {
         return Err(format!("idle SSE: {}", String::from_utf8_lossy(&head)));
     }
@@ -399,7 +431,11 @@ mod tests {
     #[test]
     fn sse_decoder_joins_split_events_and_names() {
         let mut decoder = SseDecoder::default();
-        assert!(decoder.push(b": open\n\nevent: delta\ndata: {\"a\"").is_empty());
+        assert!(
+            decoder
+                .push(b": open\n\nevent: delta\ndata: {\"a\"")
+                .is_empty()
+        );
         let events = decoder.push(b":1}\r\n\r\ndata: [DONE]\n\n");
         assert_eq!(
             events,

@@ -18,7 +18,9 @@ use clap::{Parser, Subcommand};
 use scenarios::{Ctx, chaos, connections, fanout, overhead, slow, throughput};
 
 #[derive(Debug, Parser)]
-#[command(about = "Measures Spillway: added latency, throughput, memory per connection, slow consumers, fan-out")]
+#[command(
+    about = "Measures Spillway: added latency, throughput, memory per connection, slow consumers, fan-out"
+)]
 struct Cli {
     /// The gateway binary (build it with `cargo build --release`).
     #[arg(long, global = true, default_value = "target/release/spillway")]
@@ -71,7 +73,10 @@ async fn main() -> std::process::ExitCode {
         };
     }
     if !cli.gateway_bin.exists() {
-        eprintln!("loadtest: no gateway binary at {} (cargo build --release, or --gateway-bin)", cli.gateway_bin.display());
+        eprintln!(
+            "loadtest: no gateway binary at {} (cargo build --release, or --gateway-bin)",
+            cli.gateway_bin.display()
+        );
         return std::process::ExitCode::FAILURE;
     }
     let ctx = Ctx::new(cli.gateway_bin.clone());
@@ -91,21 +96,61 @@ async fn run(ctx: &Ctx, cli: &Cli) -> Result<(), String> {
     let mut summary = format!("# Spillway loadtest\n\n{}\n\n", machine());
     let out = &cli.out;
     match &cli.command {
-        Command::Overhead(args) => emit(out, "overhead", overhead::run(ctx, args).await, &mut summary)?,
-        Command::Throughput(args) => emit(out, "throughput", throughput::run(ctx, args).await, &mut summary)?,
-        Command::Connections(args) => emit(out, "connections", connections::run(ctx, args).await, &mut summary)?,
-        Command::SlowConsumers(args) => emit(out, "slow-consumers", slow::run(ctx, args).await, &mut summary)?,
+        Command::Overhead(args) => emit(
+            out,
+            "overhead",
+            overhead::run(ctx, args).await,
+            &mut summary,
+        )?,
+        Command::Throughput(args) => emit(
+            out,
+            "throughput",
+            throughput::run(ctx, args).await,
+            &mut summary,
+        )?,
+        Command::Connections(args) => emit(
+            out,
+            "connections",
+            connections::run(ctx, args).await,
+            &mut summary,
+        )?,
+        Command::SlowConsumers(args) => emit(
+            out,
+            "slow-consumers",
+            slow::run(ctx, args).await,
+            &mut summary,
+        )?,
         Command::Fanout(args) => emit(out, "fanout", fanout::run(ctx, args).await, &mut summary)?,
         Command::Chaos(args) => emit(out, "chaos", chaos::run(ctx, args).await, &mut summary)?,
         Command::All => {
             let args = parse::<overhead::Args>(&["--samples", "300", "--max-secs", "240"]);
-            emit(out, "overhead", overhead::run(ctx, &args).await, &mut summary)?;
+            emit(
+                out,
+                "overhead",
+                overhead::run(ctx, &args).await,
+                &mut summary,
+            )?;
             let args = parse::<throughput::Args>(&[]);
-            emit(out, "throughput", throughput::run(ctx, &args).await, &mut summary)?;
+            emit(
+                out,
+                "throughput",
+                throughput::run(ctx, &args).await,
+                &mut summary,
+            )?;
             let args = parse::<connections::Args>(&[]);
-            emit(out, "connections", connections::run(ctx, &args).await, &mut summary)?;
+            emit(
+                out,
+                "connections",
+                connections::run(ctx, &args).await,
+                &mut summary,
+            )?;
             let args = parse::<slow::Args>(&[]);
-            emit(out, "slow-consumers", slow::run(ctx, &args).await, &mut summary)?;
+            emit(
+                out,
+                "slow-consumers",
+                slow::run(ctx, &args).await,
+                &mut summary,
+            )?;
             let args = parse::<fanout::Args>(&[]);
             emit(out, "fanout", fanout::run(ctx, &args).await, &mut summary)?;
             let args = parse::<chaos::Args>(&[]);
@@ -119,7 +164,12 @@ async fn run(ctx: &Ctx, cli: &Cli) -> Result<(), String> {
 }
 
 /// Writes one scenario's results and prints its Markdown.
-fn emit(out: &std::path::Path, name: &str, output: Result<report::Output, String>, summary: &mut String) -> Result<(), String> {
+fn emit(
+    out: &std::path::Path,
+    name: &str,
+    output: Result<report::Output, String>,
+    summary: &mut String,
+) -> Result<(), String> {
     let output = output.map_err(|err| format!("{name}: {err}"))?;
     let md = output.write(out, name).map_err(|e| e.to_string())?;
     println!("{md}");
@@ -143,9 +193,16 @@ fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned()))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0.0, |kb| kb as f64 / 1024.0 / 1024.0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("Machine: {cores} cores, {mem:.1} GiB, Linux {}; load generator, paced upstream and gateway on the same box, loopback only.", kernel.trim())
+    format!(
+        "Machine: {cores} cores, {mem:.1} GiB, Linux {}; load generator, paced upstream and gateway on the same box, loopback only.",
+        kernel.trim()
+    )
 }

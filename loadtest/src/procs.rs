@@ -63,7 +63,8 @@ impl Gateway {
         let config = config(&options, dir.path());
         let path = dir.path().join("spillway.toml");
         std::fs::write(&path, config).map_err(|e| e.to_string())?;
-        let log = std::fs::File::create(dir.path().join("gateway.log")).map_err(|e| e.to_string())?;
+        let log =
+            std::fs::File::create(dir.path().join("gateway.log")).map_err(|e| e.to_string())?;
         let child = Command::new(&options.bin)
             .arg("serve")
             .arg("--config")
@@ -308,7 +309,10 @@ impl Redis {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
             sleep(Duration::from_millis(20)).await;
@@ -356,12 +360,33 @@ impl Postgres {
             .tempdir()
             .map_err(|e| e.to_string())?;
         if is_root() {
-            let _ = Command::new("chown").arg("postgres:postgres").arg(dir.path()).status().await;
+            let _ = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path())
+                .status()
+                .await;
         }
-        let pg = Self { dir, bin, port: free_port() };
+        let pg = Self {
+            dir,
+            bin,
+            port: free_port(),
+        };
         let data = pg.dir.path().join("data");
-        pg.run("initdb", &["-D", &data.display().to_string(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
-            .await?;
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &data.display().to_string(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )
+        .await?;
         pg.up().await?;
         Ok(pg)
     }
@@ -382,20 +407,34 @@ impl Postgres {
         if output.status.success() {
             Ok(())
         } else {
-            Err(format!("{program}: {}", String::from_utf8_lossy(&output.stderr)))
+            Err(format!(
+                "{program}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ))
         }
     }
 
     pub async fn up(&self) -> Result<(), String> {
         let data = self.dir.path().join("data").display().to_string();
         let log = self.dir.path().join("server.log").display().to_string();
-        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.path().display());
-        self.run("pg_ctl", &["-D", &data, "-l", &log, "-w", "-t", "60", "-o", &options, "start"]).await
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        self.run(
+            "pg_ctl",
+            &[
+                "-D", &data, "-l", &log, "-w", "-t", "60", "-o", &options, "start",
+            ],
+        )
+        .await
     }
 
     pub async fn down(&self) -> Result<(), String> {
         let data = self.dir.path().join("data").display().to_string();
-        self.run("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]).await
+        self.run("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"])
+            .await
     }
 
     pub fn url(&self) -> String {
@@ -419,6 +458,10 @@ impl Drop for Postgres {
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }

@@ -125,7 +125,10 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
         );
         for p in &points {
             let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
-            let _ = writeln!(svg, "<circle cx=\"{x}\" cy=\"{y}\" r=\"2.5\" fill=\"{colour}\"/>");
+            let _ = writeln!(
+                svg,
+                "<circle cx=\"{x}\" cy=\"{y}\" r=\"2.5\" fill=\"{colour}\"/>"
+            );
         }
         let ly = T + 10.0 + 18.0 * i as f64;
         let _ = writeln!(
@@ -176,7 +179,10 @@ impl Output {
     pub fn write(&self, dir: &Path, name: &str) -> std::io::Result<String> {
         std::fs::create_dir_all(dir)?;
         let json = Value::Object(self.json.clone());
-        std::fs::write(dir.join(format!("{name}.json")), serde_json::to_string_pretty(&json)?)?;
+        std::fs::write(
+            dir.join(format!("{name}.json")),
+            serde_json::to_string_pretty(&json)?,
+        )?;
         let mut md = format!("## {name}\n\n");
         for table in &self.tables {
             md.push_str(&table.markdown());
@@ -211,8 +217,14 @@ mod tests {
             "s",
             "ms",
             &[
-                Series { name: "a&b".into(), points: vec![(0.0, 1.0), (1.0, 2.0)] },
-                Series { name: "c".into(), points: vec![(0.5, 3.0)] },
+                Series {
+                    name: "a&b".into(),
+                    points: vec![(0.0, 1.0), (1.0, 2.0)],
+                },
+                Series {
+                    name: "c".into(),
+                    points: vec![(0.5, 3.0)],
+                },
             ],
         );
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
@@ -224,6 +236,9 @@ mod tests {
     fn tables_render_as_markdown() {
         let mut t = Table::new("T", &["a", "b"]);
         t.row(vec!["1".into(), "2".into()]);
-        assert_eq!(t.markdown(), "### T\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n");
+        assert_eq!(
+            t.markdown(),
+            "### T\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n"
+        );
     }
 }

@@ -13,9 +13,11 @@ pub struct Latency(Histogram<u64>);
 
 impl Default for Latency {
     fn default() -> Self {
-        Self(Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|_| {
-            Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant figures is valid"))
-        }))
+        Self(
+            Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|_| {
+                Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant figures is valid"))
+            }),
+        )
     }
 }
 

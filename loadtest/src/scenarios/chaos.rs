@@ -57,7 +57,9 @@ struct Record {
 }
 
 pub async fn run(ctx: &Ctx, args: &Args) -> Result<Output, String> {
-    let upstream = Upstream::start("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let upstream = Upstream::start("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
     let mut redis = Redis::start().await?;
     let postgres = Postgres::start().await?;
     let options = |node: &str| GatewayOptions {
@@ -75,13 +77,26 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Output, String> {
     let base = a.base();
 
     let end = Instant::now() + Duration::from_secs(args.secs);
-    let pace = Pace { tokens: 30, delay: Duration::from_millis(20), bytes: 8, ..Pace::default() };
+    let pace = Pace {
+        tokens: 30,
+        delay: Duration::from_millis(20),
+        bytes: 8,
+        ..Pace::default()
+    };
     let mut workers = Vec::new();
     for w in 0..args.clients {
         let user = format!("chaos-{w}");
         let conversation = clients::conversation(&ctx.http, &base, &user).await?;
         let progress = Arc::clone(&ctx.progress);
-        workers.push(tokio::spawn(worker(w, user, conversation, addrs, end, pace, progress)));
+        workers.push(tokio::spawn(worker(
+            w,
+            user,
+            conversation,
+            addrs,
+            end,
+            pace,
+            progress,
+        )));
     }
 
     // The fault schedule, spread over the load.
@@ -113,7 +128,11 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Output, String> {
     log("instance b restarted");
     sleep_until(start + at(0.70)).await;
     let drained = a.terminate(Duration::from_secs(30)).await;
-    log(if drained { "instance a SIGTERMed: drained and exited" } else { "instance a SIGTERMed: did not exit in 30 s, killed" });
+    log(if drained {
+        "instance a SIGTERMed: drained and exited"
+    } else {
+        "instance a SIGTERMed: did not exit in 30 s, killed"
+    });
     a = a.restart().await?;
     log("instance a restarted");
 
@@ -151,36 +170,72 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Output, String> {
         };
         *tally.entry(key).or_default() += 1;
     }
-    let truncated = records.iter().filter(|r| r.outcome == Outcome::Truncated).count();
+    let truncated = records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Truncated)
+        .count();
     let acked = records.iter().filter(|r| r.acked).count();
-    let mut table = Table::new("Replies, as their clients saw them", &["outcome", "messages"]);
+    let mut table = Table::new(
+        "Replies, as their clients saw them",
+        &["outcome", "messages"],
+    );
     let mut sorted: Vec<_> = tally.iter().collect();
     sorted.sort();
     for (k, v) in &sorted {
         table.row(vec![(*k).clone(), v.to_string()]);
     }
-    let mut check = Table::new("Acknowledged messages in the history", &["acknowledged", "stored once", "lost", "duplicated", "unacknowledged but stored", "silent truncations"]);
-    check.row(vec![acked.to_string(), (acked as u64 - lost - duplicated.min(acked as u64 - lost)).to_string(), lost.to_string(), duplicated.to_string(), unacked_stored.to_string(), truncated.to_string()]);
+    let mut check = Table::new(
+        "Acknowledged messages in the history",
+        &[
+            "acknowledged",
+            "stored once",
+            "lost",
+            "duplicated",
+            "unacknowledged but stored",
+            "silent truncations",
+        ],
+    );
+    check.row(vec![
+        acked.to_string(),
+        (acked as u64 - lost - duplicated.min(acked as u64 - lost)).to_string(),
+        lost.to_string(),
+        duplicated.to_string(),
+        unacked_stored.to_string(),
+        truncated.to_string(),
+    ]);
     let mut output = Output::default();
     output.json.insert("scenario".into(), json!("chaos"));
     output.json.insert("messages".into(), json!(records.len()));
     output.json.insert("acknowledged".into(), json!(acked));
     output.json.insert("lost".into(), json!(lost));
     output.json.insert("duplicated".into(), json!(duplicated));
-    output.json.insert("unacknowledged_but_stored".into(), json!(unacked_stored));
-    output.json.insert("silent_truncations".into(), json!(truncated));
+    output
+        .json
+        .insert("unacknowledged_but_stored".into(), json!(unacked_stored));
+    output
+        .json
+        .insert("silent_truncations".into(), json!(truncated));
     output.json.insert("outcomes".into(), json!(tally));
     output.json.insert("faults".into(), json!(events));
     output.tables.push(check);
     output.tables.push(table);
     output.notes.push(format!(
         "{} clients, replies of {} tokens {} ms apart, {} s of load. Faults at (s): {}.",
-        args.clients, pace.tokens, pace.delay.as_millis(), args.secs,
-        events.iter().map(|(t, w)| format!("{t:.1} {w}")).collect::<Vec<_>>().join("; ")
+        args.clients,
+        pace.tokens,
+        pace.delay.as_millis(),
+        args.secs,
+        events
+            .iter()
+            .map(|(t, w)| format!("{t:.1} {w}"))
+            .collect::<Vec<_>>()
+            .join("; ")
     ));
     drop(b);
     if lost > 0 || duplicated > 0 || truncated > 0 {
-        output.broken = Some(format!("{lost} acknowledged messages lost, {duplicated} stored twice, {truncated} replies silently truncated"));
+        output.broken = Some(format!(
+            "{lost} acknowledged messages lost, {duplicated} stored twice, {truncated} replies silently truncated"
+        ));
     }
     Ok(output)
 }
@@ -208,12 +263,32 @@ async fn worker(
         let tag = format!("seq={w}-{seq}");
         let content = format!("{} {tag}", pace.words());
         let client_id = format!("c-{w}-{seq}");
-        let (acked, outcome) = drive(&mut ws, &mut attempt, &user, addrs, &conversation, &content, &client_id, pace.tokens).await;
-        progress.replies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (acked, outcome) = drive(
+            &mut ws,
+            &mut attempt,
+            &user,
+            addrs,
+            &conversation,
+            &content,
+            &client_id,
+            pace.tokens,
+        )
+        .await;
+        progress
+            .replies
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if !matches!(outcome, Outcome::Complete | Outcome::CompleteAfterResume) {
-            progress.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            progress
+                .failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        records.push(Record { conversation: conversation.clone(), user: user.clone(), tag, acked, outcome });
+        records.push(Record {
+            conversation: conversation.clone(),
+            user: user.clone(),
+            tag,
+            acked,
+            outcome,
+        });
     }
     records
 }
@@ -257,7 +332,9 @@ async fn drive(
         }
         let Some(socket) = ws.as_mut() else { continue };
         let request = match &reply.generation {
-            None => json!({ "type": "send", "conversation_id": conversation, "content": content, "client_message_id": client_id }),
+            None => {
+                json!({ "type": "send", "conversation_id": conversation, "content": content, "client_message_id": client_id })
+            }
             Some((id, epoch)) => {
                 reply.resumed = true;
                 json!({ "type": "resume", "generation_id": id, "epoch": epoch, "offset": reply.next })
@@ -277,20 +354,30 @@ async fn drive(
                 }
             };
             let generation = frame["generation_id"].as_str();
-            let ours = reply.generation.as_ref().is_some_and(|(id, _)| Some(id.as_str()) == generation);
+            let ours = reply
+                .generation
+                .as_ref()
+                .is_some_and(|(id, _)| Some(id.as_str()) == generation);
             match frame["type"].as_str() {
-                Some("ack") if frame["client_message_id"] == client_id => {
-                    if reply.generation.is_none() {
-                        reply.generation = Some((generation.unwrap_or("").to_owned(), frame["epoch"].as_u64().unwrap_or(0)));
-                    }
+                Some("ack")
+                    if frame["client_message_id"] == client_id && reply.generation.is_none() =>
+                {
+                    reply.generation = Some((
+                        generation.unwrap_or("").to_owned(),
+                        frame["epoch"].as_u64().unwrap_or(0),
+                    ));
                 }
-                Some("delta") if ours => {
-                    if frame["offset"].as_u64() == Some(reply.next) {
-                        let mut stamps = Vec::new();
-                        upstream::stamps(frame["text"].as_str().unwrap_or(""), &mut reply.rest, &mut stamps);
-                        reply.tokens += stamps.len();
-                        reply.next = frame["next"].as_u64().unwrap_or(reply.next);
-                    }
+                // A delta that starts where this client is (a resume never
+                // repeats text, but be exact).
+                Some("delta") if ours && frame["offset"].as_u64() == Some(reply.next) => {
+                    let mut stamps = Vec::new();
+                    upstream::stamps(
+                        frame["text"].as_str().unwrap_or(""),
+                        &mut reply.rest,
+                        &mut stamps,
+                    );
+                    reply.tokens += stamps.len();
+                    reply.next = frame["next"].as_u64().unwrap_or(reply.next);
                 }
                 Some("restart") if ours => {
                     reply.tokens = 0;
@@ -300,16 +387,24 @@ async fn drive(
                 Some("usage") if ours => reply.next = frame["next"].as_u64().unwrap_or(reply.next),
                 Some("done") if ours => {
                     let whole = reply.tokens == expected as usize;
-                    return (true, match (whole, reply.resumed) {
-                        (true, false) => Outcome::Complete,
-                        (true, true) => Outcome::CompleteAfterResume,
-                        (false, _) => Outcome::Truncated,
-                    });
+                    return (
+                        true,
+                        match (whole, reply.resumed) {
+                            (true, false) => Outcome::Complete,
+                            (true, true) => Outcome::CompleteAfterResume,
+                            (false, _) => Outcome::Truncated,
+                        },
+                    );
                 }
                 Some("error") if ours => {
-                    return (true, Outcome::TypedError(frame["code"].as_str().unwrap_or("?").to_owned()));
+                    return (
+                        true,
+                        Outcome::TypedError(frame["code"].as_str().unwrap_or("?").to_owned()),
+                    );
                 }
-                Some("error") if reply.generation.is_none() && frame["client_message_id"] == client_id => {
+                Some("error")
+                    if reply.generation.is_none() && frame["client_message_id"] == client_id =>
+                {
                     // Refused before the ack (store or cluster down, …):
                     // retry later with the same id.
                     last_error = frame["code"].as_str().unwrap_or("?").to_owned();
@@ -328,8 +423,15 @@ async fn drive(
 
 /// How many times each record's tag appears among its conversation's user
 /// messages.
-async fn stored_counts(ctx: &Ctx, base: &str, records: &[Record]) -> Result<HashMap<String, u64>, String> {
-    let mut conversations: Vec<(&str, &str)> = records.iter().map(|r| (r.conversation.as_str(), r.user.as_str())).collect();
+async fn stored_counts(
+    ctx: &Ctx,
+    base: &str,
+    records: &[Record],
+) -> Result<HashMap<String, u64>, String> {
+    let mut conversations: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| (r.conversation.as_str(), r.user.as_str()))
+        .collect();
     conversations.sort_unstable();
     conversations.dedup();
     let mut counts = HashMap::new();
@@ -340,10 +442,24 @@ async fn stored_counts(ctx: &Ctx, base: &str, records: &[Record]) -> Result<Hash
             if let Some(cursor) = &after {
                 url.push_str(&format!("&after={cursor}"));
             }
-            let page: Value = ctx.http.get(&url).header("x-spillway-user", user).send().await.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())?;
-            let data = page["data"].as_array().ok_or_else(|| format!("history: {page}"))?;
+            let page: Value = ctx
+                .http
+                .get(&url)
+                .header("x-spillway-user", user)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            let data = page["data"]
+                .as_array()
+                .ok_or_else(|| format!("history: {page}"))?;
             for message in data.iter().filter(|m| m["role"] == "user") {
-                if let Some(tag) = message["content"].as_str().and_then(|c| c.split_whitespace().find(|w| w.starts_with("seq="))) {
+                if let Some(tag) = message["content"]
+                    .as_str()
+                    .and_then(|c| c.split_whitespace().find(|w| w.starts_with("seq=")))
+                {
                     *counts.entry(tag.to_owned()).or_default() += 1;
                 }
             }

@@ -70,7 +70,10 @@ pub struct Progress {
 
 impl Progress {
     pub fn set(&self, label: impl Into<String>) {
-        *self.label.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = label.into();
+        *self
+            .label
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = label.into();
     }
 
     pub fn reply(&self, reply: &crate::clients::Reply) {

@@ -44,12 +44,20 @@ pub struct Args {
 enum Side {
     Direct(String),
     Openai(String),
-    Sse { base: String, conversations: Vec<String> },
-    Ws { conversations: Vec<String>, sockets: Vec<Arc<Mutex<Ws>>> },
+    Sse {
+        base: String,
+        conversations: Vec<String>,
+    },
+    Ws {
+        conversations: Vec<String>,
+        sockets: Vec<Arc<Mutex<Ws>>>,
+    },
 }
 
 pub async fn run(ctx: &Ctx, args: &Args) -> Result<Output, String> {
-    let upstream = Upstream::start("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let upstream = Upstream::start("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
     let gateway = ctx.gateway(&upstream, "").await?;
     let pace = Pace {
         tokens: args.tokens,
@@ -65,9 +73,19 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Output, String> {
             args.tokens, args.delay_ms
         ),
         &[
-            "transport", "streams", "replies", "TTFT p50 direct", "TTFT p50 added",
-            "TTFT p99 direct", "TTFT p99 added", "TTFT p999 added", "relay p50 added",
-            "relay p99 added", "gap p99 direct", "gap p99 gateway", "not done",
+            "transport",
+            "streams",
+            "replies",
+            "TTFT p50 direct",
+            "TTFT p50 added",
+            "TTFT p99 direct",
+            "TTFT p99 added",
+            "TTFT p999 added",
+            "relay p50 added",
+            "relay p99 added",
+            "gap p99 direct",
+            "gap p99 gateway",
+            "not done",
         ],
     );
     let mut cells = Vec::new();
@@ -88,13 +106,20 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Output, String> {
             let direct = Side::Direct(format!("{}/chat/completions", upstream.base_url()));
             let waves = args.min_waves.max(args.samples.div_ceil(level));
             let (mut d_all, mut g_all) = (Tally::default(), Tally::default());
-            let mut d_line = Series { name: format!("direct {}@{level} p99", transport.name()), points: Vec::new() };
-            let mut g_line = Series { name: format!("gateway {}@{level} p99", transport.name()), points: Vec::new() };
+            let mut d_line = Series {
+                name: format!("direct {}@{level} p99", transport.name()),
+                points: Vec::new(),
+            };
+            let mut g_line = Series {
+                name: format!("gateway {}@{level} p99", transport.name()),
+                points: Vec::new(),
+            };
             for wave_no in 0..waves {
                 if Instant::now() > deadline {
                     break;
                 }
-                ctx.progress.set(format!("{label}: wave {}/{waves}", wave_no + 1));
+                ctx.progress
+                    .set(format!("{label}: wave {}/{waves}", wave_no + 1));
                 let d = wave(ctx, &direct, level, pace).await;
                 let g = wave(ctx, &side, level, pace).await;
                 let t = started.elapsed().as_secs_f64();
@@ -108,9 +133,19 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Output, String> {
             let (dg, gg) = (d_all.gap.summary(), g_all.gap.summary());
             let not_done = (d_all.replies - d_all.done) + (g_all.replies - g_all.done);
             table.row(vec![
-                transport.name().into(), level.to_string(), g_all.replies.to_string(),
-                ms(d.p50), ms(g.p50 - d.p50), ms(d.p99), ms(g.p99 - d.p99), ms(g.p999 - d.p999),
-                ms(gr.p50 - dr.p50), ms(gr.p99 - dr.p99), ms(dg.p99), ms(gg.p99), not_done.to_string(),
+                transport.name().into(),
+                level.to_string(),
+                g_all.replies.to_string(),
+                ms(d.p50),
+                ms(g.p50 - d.p50),
+                ms(d.p99),
+                ms(g.p99 - d.p99),
+                ms(g.p999 - d.p999),
+                ms(gr.p50 - dr.p50),
+                ms(gr.p99 - dr.p99),
+                ms(dg.p99),
+                ms(gg.p99),
+                not_done.to_string(),
             ]);
             cells.push(json!({
                 "transport": transport.name(), "streams": level, "waves": waves,
@@ -126,41 +161,70 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Output, String> {
     }
     let mut output = Output::default();
     output.json.insert("scenario".into(), json!("overhead"));
-    output.json.insert("pace".into(), json!({ "tokens": args.tokens, "delay_ms": args.delay_ms, "bytes": 16 }));
+    output.json.insert(
+        "pace".into(),
+        json!({ "tokens": args.tokens, "delay_ms": args.delay_ms, "bytes": 16 }),
+    );
     output.json.insert("cells".into(), json!(cells));
     output.json.insert("skipped".into(), json!(skipped));
-    output.json.insert("gateway_rss_kib".into(), json!(gateway.rss_kib()));
+    output
+        .json
+        .insert("gateway_rss_kib".into(), json!(gateway.rss_kib()));
     output.tables.push(table);
     output.notes.push("TTFT: request written → first token read. Relay: the upstream's write of a token → the client's read of it (one clock: the upstream runs in the load generator's process). Gap: between consecutive tokens' reads.".into());
     if !skipped.is_empty() {
-        output.notes.push(format!("skipped past --max-secs: {}", skipped.join(", ")));
+        output
+            .notes
+            .push(format!("skipped past --max-secs: {}", skipped.join(", ")));
     }
     output.charts.push((
         "overhead-ttft-p99.svg".into(),
-        line_chart("TTFT p99 per wave, direct vs through the gateway", "seconds into the run", "TTFT p99 (ms)", &timeline),
+        line_chart(
+            "TTFT p99 per wave, direct vs through the gateway",
+            "seconds into the run",
+            "TTFT p99 (ms)",
+            &timeline,
+        ),
     ));
     Ok(output)
 }
 
-async fn setup(ctx: &Ctx, gateway: &crate::procs::Gateway, transport: Transport, level: usize) -> Result<Side, String> {
+async fn setup(
+    ctx: &Ctx,
+    gateway: &crate::procs::Gateway,
+    transport: Transport,
+    level: usize,
+) -> Result<Side, String> {
     let base = gateway.base();
     let users: Vec<String> = (0..level).map(|i| format!("ov{level}-{i}")).collect();
     let conversations = || async {
-        let made = batched(level, 64, |i| clients::conversation(&ctx.http, &base, &users[i])).await;
+        let made = batched(level, 64, |i| {
+            clients::conversation(&ctx.http, &base, &users[i])
+        })
+        .await;
         made.into_iter().collect::<Result<Vec<_>, _>>()
     };
     Ok(match transport {
         Transport::Direct => unreachable!("the baseline is not a gateway side"),
         Transport::Openai => Side::Openai(format!("{base}/v1/chat/completions")),
-        Transport::Sse => Side::Sse { base: base.clone(), conversations: conversations().await? },
+        Transport::Sse => Side::Sse {
+            base: base.clone(),
+            conversations: conversations().await?,
+        },
         Transport::Ws => {
             let conversations = conversations().await?;
-            let sockets = batched(level, 64, |i| Ws::connect(gateway.addr, &users[i], source(i), None)).await;
+            let sockets = batched(level, 64, |i| {
+                Ws::connect(gateway.addr, &users[i], source(i), None)
+            })
+            .await;
             let sockets = sockets
                 .into_iter()
                 .map(|s| s.map(|ws| Arc::new(Mutex::new(ws))))
                 .collect::<Result<Vec<_>, _>>()?;
-            Side::Ws { conversations, sockets }
+            Side::Ws {
+                conversations,
+                sockets,
+            }
         }
     })
 }
@@ -175,8 +239,18 @@ async fn wave(ctx: &Ctx, side: &Side, level: usize, pace: Pace) -> Tally {
         let progress = Arc::clone(&ctx.progress);
         let job = match side {
             Side::Direct(url) | Side::Openai(url) => Job::Openai(url.clone()),
-            Side::Sse { base, conversations } => Job::Sse(base.clone(), conversations[i].clone(), format!("ov{level}-{i}")),
-            Side::Ws { conversations, sockets } => Job::Ws(Arc::clone(&sockets[i]), conversations[i].clone()),
+            Side::Sse {
+                base,
+                conversations,
+            } => Job::Sse(
+                base.clone(),
+                conversations[i].clone(),
+                format!("ov{level}-{i}"),
+            ),
+            Side::Ws {
+                conversations,
+                sockets,
+            } => Job::Ws(Arc::clone(&sockets[i]), conversations[i].clone()),
         };
         tokio::spawn(async move {
             tokio::time::sleep(spread * u32::try_from(i).unwrap_or(0)).await;
@@ -186,7 +260,11 @@ async fn wave(ctx: &Ctx, side: &Side, level: usize, pace: Pace) -> Tally {
         })
     });
     let mut tally = Tally::default();
-    for reply in futures_util::future::join_all(tasks).await.into_iter().flatten() {
+    for reply in futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .flatten()
+    {
         tally.add(&reply, pace.tokens);
     }
     tally
@@ -204,10 +282,15 @@ impl Job {
         match self {
             Self::Openai(url) => clients::openai(http, &url, "paced", content).await,
             Self::Sse(base, conversation, user) => {
-                let id = format!("ov-{}", SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+                let id = format!(
+                    "ov-{}",
+                    SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                );
                 clients::native_sse(http, &base, &user, &conversation, &id, content).await
             }
-            Self::Ws(socket, conversation) => socket.lock().await.reply(&conversation, content).await,
+            Self::Ws(socket, conversation) => {
+                socket.lock().await.reply(&conversation, content).await
+            }
         }
     }
 }

@@ -32,19 +32,44 @@ pub struct Args {
 }
 
 pub async fn run(ctx: &Ctx, args: &Args) -> Result<Output, String> {
-    let upstream = Upstream::start("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let upstream = Upstream::start("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
     let gateway = ctx.gateway(&upstream, "").await?;
-    let pace = Pace { tokens: args.tokens, delay: Duration::ZERO, bytes: args.bytes, ..Pace::default() };
+    let pace = Pace {
+        tokens: args.tokens,
+        delay: Duration::ZERO,
+        bytes: args.bytes,
+        ..Pace::default()
+    };
     let mut table = Table::new(
-        &format!("Relayed throughput: {} streams, {}-token replies of {} B tokens, unpaced, {} s per phase", args.streams, args.tokens, args.bytes, args.secs),
-        &["path", "tokens/s", "MB/s of text", "% of direct", "gateway CPU s", "gateway CPU s / M tokens", "replies", "not done"],
+        &format!(
+            "Relayed throughput: {} streams, {}-token replies of {} B tokens, unpaced, {} s per phase",
+            args.streams, args.tokens, args.bytes, args.secs
+        ),
+        &[
+            "path",
+            "tokens/s",
+            "MB/s of text",
+            "% of direct",
+            "gateway CPU s",
+            "gateway CPU s / M tokens",
+            "replies",
+            "not done",
+        ],
     );
     let mut phases = Vec::new();
     let mut direct_rates = Vec::new();
-    for transport in [Transport::Direct, Transport::Openai, Transport::Ws, Transport::Direct] {
+    for transport in [
+        Transport::Direct,
+        Transport::Openai,
+        Transport::Ws,
+        Transport::Direct,
+    ] {
         ctx.progress.set(format!("throughput {}", transport.name()));
         let cpu_before = gateway.cpu_secs();
-        let (tokens, replies, not_done, elapsed) = phase(ctx, &gateway, &upstream, transport, args, pace).await?;
+        let (tokens, replies, not_done, elapsed) =
+            phase(ctx, &gateway, &upstream, transport, args, pace).await?;
         let cpu = gateway.cpu_secs() - cpu_before;
         let rate = tokens as f64 / elapsed;
         if transport == Transport::Direct {
@@ -55,13 +80,21 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Output, String> {
     let direct = direct_rates.iter().sum::<f64>() / direct_rates.len().max(1) as f64;
     let mut rows = Vec::new();
     for (transport, rate, cpu, tokens, replies, not_done) in phases {
-        let per_million = if transport == Transport::Direct || tokens == 0 { None } else { Some(cpu / tokens as f64 * 1e6) };
+        let per_million = if transport == Transport::Direct || tokens == 0 {
+            None
+        } else {
+            Some(cpu / tokens as f64 * 1e6)
+        };
         table.row(vec![
             transport.name().into(),
             format!("{rate:.0}"),
             format!("{:.1}", rate * args.bytes as f64 / 1e6),
             format!("{:.0}%", rate / direct * 100.0),
-            if transport == Transport::Direct { "—".into() } else { format!("{cpu:.2}") },
+            if transport == Transport::Direct {
+                "—".into()
+            } else {
+                format!("{cpu:.2}")
+            },
             per_million.map_or_else(|| "—".into(), |v| format!("{v:.2}")),
             replies.to_string(),
             not_done.to_string(),
@@ -74,7 +107,10 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Output, String> {
     output.json.insert("scenario".into(), json!("throughput"));
     output.json.insert("params".into(), json!({ "streams": args.streams, "secs": args.secs, "tokens": args.tokens, "bytes": args.bytes }));
     output.json.insert("phases".into(), json!(rows));
-    output.json.insert("upstream_tokens_written".into(), json!(upstream.counters.tokens.load(Ordering::Relaxed)));
+    output.json.insert(
+        "upstream_tokens_written".into(),
+        json!(upstream.counters.tokens.load(Ordering::Relaxed)),
+    );
     output.tables.push(table);
     output.notes.push("Direct runs first and last; \"% of direct\" is against their mean. Everything (load generator, upstream, gateway) shares the machine's cores, so the gateway's own CPU competes with the load it relays.".into());
     Ok(output)
@@ -93,10 +129,12 @@ async fn phase(
     let mut conversations = Vec::new();
     if transport == Transport::Ws {
         let users: Vec<String> = (0..args.streams).map(|i| format!("tp-{i}")).collect();
-        conversations = batched(args.streams, 32, |i| clients::conversation(&ctx.http, &base, &users[i]))
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
+        conversations = batched(args.streams, 32, |i| {
+            clients::conversation(&ctx.http, &base, &users[i])
+        })
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
         for (i, user) in users.iter().enumerate() {
             sockets.push(Ws::connect(gateway.addr, user, source(i), None).await?);
         }
@@ -115,7 +153,11 @@ async fn phase(
     let mut sockets = sockets.into_iter();
     for i in 0..args.streams {
         let (http, url, content) = (ctx.http.clone(), url.clone(), content.clone());
-        let (tokens, replies, not_done) = (Arc::clone(&tokens), Arc::clone(&replies), Arc::clone(&not_done));
+        let (tokens, replies, not_done) = (
+            Arc::clone(&tokens),
+            Arc::clone(&replies),
+            Arc::clone(&not_done),
+        );
         let mut ws = sockets.next();
         let conversation = conversations.get(i).cloned().unwrap_or_default();
         let progress = Arc::clone(&ctx.progress);
@@ -138,5 +180,10 @@ async fn phase(
         task.await.map_err(|e| e.to_string())?;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    Ok((tokens.load(Ordering::Relaxed), replies.load(Ordering::Relaxed), not_done.load(Ordering::Relaxed), elapsed))
+    Ok((
+        tokens.load(Ordering::Relaxed),
+        replies.load(Ordering::Relaxed),
+        not_done.load(Ordering::Relaxed),
+        elapsed,
+    ))
 }
