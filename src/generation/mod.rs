@@ -444,6 +444,10 @@ impl Subscriber {
                 // The log's sender lives as long as the generation we hold.
                 return Read::End(Outcome::Cancelled(CancelReason::Shutdown));
             }
+            // Woken by the first event of a burst: let the relay append the
+            // rest before reading, so one frame (one socket write) carries
+            // the burst rather than its first event alone.
+            tokio::task::yield_now().await;
         }
     }
 }
