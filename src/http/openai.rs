@@ -17,8 +17,10 @@ use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, BytesMut};
 use futures_util::Stream;
 use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::{Gateway, RequestId};
@@ -448,7 +450,7 @@ fn sse_body(
                     // `model` names the upstream model answering now.
                     let chunk = encoder.encode(&frames, &generation.answering_model());
                     if !chunk.is_empty() {
-                        yield Ok(Bytes::from(chunk));
+                        yield Ok(chunk);
                     }
                 }
                 Read::End(Outcome::Complete) => {
@@ -466,7 +468,9 @@ fn sse_body(
     }
 }
 
-/// Turns frames into `chat.completion.chunk` SSE events.
+/// Turns frames into `chat.completion.chunk` SSE events, serialized from
+/// borrowed structs into one buffer that is reused once the previous write
+/// has gone out (no `serde_json::Value` per token).
 #[derive(Debug)]
 struct ChunkEncoder {
     id: String,
@@ -474,6 +478,85 @@ struct ChunkEncoder {
     include_usage: bool,
     /// The first delta carries `role: assistant`, as OpenAI's does.
     sent_role: bool,
+    out: BytesMut,
+}
+
+/// One `chat.completion.chunk`, as OpenAI streams it.
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: &'a [Choice<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<UsageOut>,
+}
+
+#[derive(Serialize)]
+struct Choice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    finish_reason: Option<&'a str>,
+}
+
+#[derive(Serialize, Default)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refusal: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<[ToolCallOut<'a>; 1]>,
+}
+
+#[derive(Serialize)]
+struct ToolCallOut<'a> {
+    index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    function: FunctionOut<'a>,
+}
+
+#[derive(Serialize)]
+struct FunctionOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    arguments: &'a str,
+}
+
+/// OpenAI's `usage` object.
+#[derive(Serialize)]
+struct UsageOut {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_tokens_details: Option<CachedOut>,
+}
+
+#[derive(Serialize)]
+struct CachedOut {
+    cached_tokens: u64,
+}
+
+impl From<&Usage> for UsageOut {
+    fn from(usage: &Usage) -> Self {
+        Self {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            total_tokens: usage.total_tokens(),
+            prompt_tokens_details: usage
+                .cached_prompt_tokens
+                .map(|cached_tokens| CachedOut { cached_tokens }),
+        }
+    }
 }
 
 impl ChunkEncoder {
@@ -483,90 +566,83 @@ impl ChunkEncoder {
             created,
             include_usage,
             sent_role: false,
+            out: BytesMut::new(),
         }
     }
 
     /// The SSE text of `frames` (possibly empty: a usage frame the client
     /// did not ask for writes nothing).
-    fn encode(&mut self, frames: &[Frame], model: &str) -> String {
-        let mut out = String::new();
+    fn encode(&mut self, frames: &[Frame], model: &str) -> Bytes {
         for frame in frames {
-            let Some(chunk) = self.chunk(&frame.event, model) else {
-                continue;
-            };
-            out.push_str("data: ");
-            out.push_str(&chunk.to_string());
-            out.push_str("\n\n");
+            self.push(&frame.event, model);
         }
-        out
+        self.out.split().freeze()
     }
 
-    fn chunk(&mut self, event: &ProviderEvent, model: &str) -> Option<Value> {
-        let (mut delta, finish_reason) = match event {
-            ProviderEvent::Text(text) => (json!({ "content": text }), Value::Null),
-            ProviderEvent::Reasoning(text) => (json!({ "reasoning_content": text }), Value::Null),
-            ProviderEvent::Refusal(text) => (json!({ "refusal": text }), Value::Null),
+    /// Appends the event for `event`, if it has one.
+    fn push(&mut self, event: &ProviderEvent, model: &str) {
+        let mut delta = Delta::default();
+        let mut finish_reason = None;
+        let mut usage = None;
+        match event {
+            ProviderEvent::Text(text) => delta.content = Some(text),
+            ProviderEvent::Reasoning(text) => delta.reasoning_content = Some(text),
+            ProviderEvent::Refusal(text) => delta.refusal = Some(text),
             ProviderEvent::ToolCall(call) => {
-                let mut function = Map::new();
-                if let Some(name) = &call.name {
-                    function.insert("name".into(), json!(name));
-                }
-                function.insert("arguments".into(), json!(call.arguments));
-                let mut tool_call = Map::new();
-                tool_call.insert("index".into(), json!(call.index));
-                if let Some(id) = &call.id {
-                    tool_call.insert("id".into(), json!(id));
-                    tool_call.insert("type".into(), json!("function"));
-                }
-                tool_call.insert("function".into(), Value::Object(function));
-                (json!({ "tool_calls": [tool_call] }), Value::Null)
+                delta.tool_calls = Some([ToolCallOut {
+                    index: call.index,
+                    id: call.id.as_deref(),
+                    kind: call.id.as_ref().map(|_| "function"),
+                    function: FunctionOut {
+                        name: call.name.as_deref(),
+                        arguments: &call.arguments,
+                    },
+                }]);
             }
-            ProviderEvent::Finish(reason) => (json!({}), json!(reason.as_str())),
+            ProviderEvent::Finish(reason) => finish_reason = Some(reason.as_str()),
             // This endpoint never asks for restarts (AfterCommit::Continue).
-            ProviderEvent::Restart => return None,
-            ProviderEvent::Usage(usage) => {
+            ProviderEvent::Restart => return,
+            ProviderEvent::Usage(u) => {
                 if !self.include_usage {
-                    return None;
+                    return;
                 }
-                return Some(json!({
-                    "id": self.id,
-                    "object": "chat.completion.chunk",
-                    "created": self.created,
-                    "model": model,
-                    "choices": [],
-                    "usage": usage_json(usage),
-                }));
-            }
-        };
-        if !self.sent_role {
-            self.sent_role = true;
-            if let Some(delta) = delta.as_object_mut() {
-                delta.insert("role".into(), json!("assistant"));
+                usage = Some(UsageOut::from(u));
             }
         }
-        Some(json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": model,
-            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish_reason }],
-        }))
+        // A usage chunk has no choices; every other has exactly one.
+        let one;
+        let choices: &[Choice<'_>] = if usage.is_some() {
+            &[]
+        } else {
+            if !self.sent_role {
+                self.sent_role = true;
+                delta.role = Some("assistant");
+            }
+            one = [Choice {
+                index: 0,
+                delta,
+                finish_reason,
+            }];
+            &one
+        };
+        let chunk = Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model,
+            choices,
+            usage,
+        };
+        self.out.extend_from_slice(b"data: ");
+        let written = serde_json::to_writer((&mut self.out).writer(), &chunk);
+        // Serializing borrowed strings and integers into memory cannot fail.
+        debug_assert!(written.is_ok());
+        self.out.extend_from_slice(b"\n\n");
     }
 }
 
 fn usage_json(usage: &Usage) -> Value {
-    let mut value = json!({
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens(),
-    });
-    if let (Some(cached), Some(map)) = (usage.cached_prompt_tokens, value.as_object_mut()) {
-        map.insert(
-            "prompt_tokens_details".into(),
-            json!({ "cached_tokens": cached }),
-        );
-    }
-    value
+    json!(UsageOut::from(usage))
 }
 
 /// Reads the whole reply and answers with one `chat.completion`. A reply
@@ -625,4 +701,123 @@ async fn collect(mut subscriber: Subscriber) -> Result<Response, ApiError> {
         map.insert("usage".into(), usage_json(&usage));
     }
     Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::{FinishReason, ToolCallDelta};
+
+    fn frames(events: Vec<ProviderEvent>) -> Vec<Frame> {
+        events
+            .into_iter()
+            .zip(0..)
+            .map(|(event, offset)| Frame {
+                offset,
+                next: offset + 1,
+                event,
+            })
+            .collect()
+    }
+
+    /// The `data:` payloads of `text`, parsed.
+    fn payloads(text: &[u8]) -> Vec<Value> {
+        let text = std::str::from_utf8(text).expect("utf-8");
+        assert!(
+            text.ends_with("\n\n"),
+            "every event is terminated: {text:?}"
+        );
+        text.split_terminator("\n\n")
+            .map(|event| {
+                let data = event.strip_prefix("data: ").expect("one data line");
+                serde_json::from_str(data).expect("JSON")
+            })
+            .collect()
+    }
+
+    fn chunk(delta: Value, finish_reason: Value) -> Value {
+        json!({
+            "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
+            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish_reason }],
+        })
+    }
+
+    #[test]
+    fn every_event_kind_becomes_the_chunk_openai_would_send() {
+        let mut encoder = ChunkEncoder::new("chatcmpl-1".into(), 7, true);
+        let events = vec![
+            ProviderEvent::Reasoning("hm \"q\"".into()),
+            ProviderEvent::Text("héllo\n".into()),
+            ProviderEvent::Refusal("no".into()),
+            ProviderEvent::ToolCall(ToolCallDelta {
+                index: 1,
+                id: Some("call_1".into()),
+                name: Some("f".into()),
+                arguments: String::new(),
+            }),
+            ProviderEvent::ToolCall(ToolCallDelta {
+                index: 1,
+                id: None,
+                name: None,
+                arguments: "{\"a\":".into(),
+            }),
+            ProviderEvent::Restart,
+            ProviderEvent::Finish(FinishReason::ToolCalls),
+            ProviderEvent::Usage(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                cached_prompt_tokens: Some(2),
+            }),
+        ];
+        let out = encoder.encode(&frames(events), "m");
+        let expected = vec![
+            chunk(
+                json!({ "role": "assistant", "reasoning_content": "hm \"q\"" }),
+                Value::Null,
+            ),
+            chunk(json!({ "content": "héllo\n" }), Value::Null),
+            chunk(json!({ "refusal": "no" }), Value::Null),
+            chunk(
+                json!({ "tool_calls": [{ "index": 1, "id": "call_1", "type": "function",
+                    "function": { "name": "f", "arguments": "" } }] }),
+                Value::Null,
+            ),
+            chunk(
+                json!({ "tool_calls": [{ "index": 1, "function": { "arguments": "{\"a\":" } }] }),
+                Value::Null,
+            ),
+            chunk(json!({}), json!("tool_calls")),
+            json!({
+                "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
+                "choices": [],
+                "usage": { "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                    "prompt_tokens_details": { "cached_tokens": 2 } },
+            }),
+        ];
+        assert_eq!(payloads(&out), expected);
+    }
+
+    #[test]
+    fn usage_is_written_only_when_asked_for_and_the_buffer_starts_fresh_per_write() {
+        let mut encoder = ChunkEncoder::new("chatcmpl-1".into(), 7, false);
+        let usage = ProviderEvent::Usage(Usage {
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            cached_prompt_tokens: None,
+        });
+        assert!(encoder.encode(&frames(vec![usage]), "m").is_empty());
+        let first = encoder.encode(&frames(vec![ProviderEvent::Text("a".into())]), "m");
+        let second = encoder.encode(&frames(vec![ProviderEvent::Text("b".into())]), "m");
+        assert_eq!(
+            payloads(&first),
+            vec![chunk(
+                json!({ "role": "assistant", "content": "a" }),
+                Value::Null
+            )]
+        );
+        assert_eq!(
+            payloads(&second),
+            vec![chunk(json!({ "content": "b" }), Value::Null)]
+        );
+    }
 }
