@@ -72,9 +72,19 @@ pub(crate) struct Log {
 #[derive(Debug, Default)]
 struct State {
     events: Vec<ProviderEvent>,
+    /// How many of `events` readers may see: pushed events stay invisible
+    /// until published, so a reader takes a whole burst in one read (and
+    /// one socket write) instead of racing the relay event by event.
+    published: usize,
     /// Summed payload bytes of `events`.
     bytes: usize,
     outcome: Option<Outcome>,
+}
+
+impl State {
+    fn visible(&self) -> &[ProviderEvent] {
+        &self.events[..self.published]
+    }
 }
 
 /// Memory an event costs beyond its text: the enum slot and an allocation.
@@ -115,7 +125,18 @@ impl Log {
         self.progress.send_modify(|p| p.accepted = true);
     }
 
+    /// Appends `event` and wakes the readers.
     pub(crate) fn append(&self, event: ProviderEvent) -> Appended {
+        let appended = self.push(event);
+        self.publish();
+        appended
+    }
+
+    /// Appends `event` without waking the readers: the relay pushes a
+    /// burst of already-decoded events, then publishes once, so a reader
+    /// wakes (and writes to its socket) once per burst rather than once
+    /// per token.
+    pub(crate) fn push(&self, event: ProviderEvent) -> Appended {
         let mut state = self.lock();
         if state.outcome.is_some() {
             return Appended::Ended;
@@ -132,16 +153,33 @@ impl Log {
                 ),
             );
             state.outcome = Some(Outcome::Failed(error));
+            // Readers see everything before the end, then the end.
+            state.published = state.events.len();
+            let len = state.published as u64;
             drop(state);
-            self.progress.send_modify(|p| p.ended = true);
+            self.progress.send_modify(|p| {
+                p.len = len;
+                p.ended = true;
+            });
             return Appended::TooLarge;
         }
         state.bytes += size;
         state.events.push(event);
-        let len = state.events.len() as u64;
-        drop(state);
-        self.progress.send_modify(|p| p.len = len);
         Appended::Yes
+    }
+
+    /// Wakes the readers if events were pushed since the last wake-up.
+    pub(crate) fn publish(&self) {
+        let len = {
+            let mut state = self.lock();
+            state.published = state.events.len();
+            state.published as u64
+        };
+        self.progress.send_if_modified(|p| {
+            let grew = p.len < len;
+            p.len = len;
+            grew
+        });
     }
 
     /// Records the outcome unless one is already recorded; returns whether
@@ -152,8 +190,14 @@ impl Log {
             return false;
         }
         state.outcome = Some(outcome);
+        // Whatever was pushed is part of the reply that ended.
+        state.published = state.events.len();
+        let len = state.published as u64;
         drop(state);
-        self.progress.send_modify(|p| p.ended = true);
+        self.progress.send_modify(|p| {
+            p.len = len;
+            p.ended = true;
+        });
         true
     }
 
@@ -161,8 +205,9 @@ impl Log {
         self.lock().outcome.clone()
     }
 
+    /// Events readers can see.
     pub(crate) fn len(&self) -> u64 {
-        self.lock().events.len() as u64
+        self.lock().published as u64
     }
 
     /// Raw events from `cursor` on: at most `max_events`, and no more than
@@ -176,7 +221,7 @@ impl Log {
     ) -> Vec<ProviderEvent> {
         let state = self.lock();
         let start = usize::try_from(cursor).unwrap_or(usize::MAX);
-        let Some(pending) = state.events.get(start..) else {
+        let Some(pending) = state.visible().get(start..) else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -197,7 +242,10 @@ impl Log {
     pub(crate) fn read(&self, cursor: u64, max_frame_bytes: usize) -> Option<Vec<Frame>> {
         let state = self.lock();
         let start = usize::try_from(cursor).unwrap_or(usize::MAX);
-        let pending = state.events.get(start..).filter(|rest| !rest.is_empty())?;
+        let pending = state
+            .visible()
+            .get(start..)
+            .filter(|rest| !rest.is_empty())?;
         let frames = coalesce(pending, cursor, max_frame_bytes);
         let merged: Vec<u64> = frames
             .iter()
@@ -334,6 +382,49 @@ mod tests {
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].event, text("0123456789"));
         assert_eq!(frames[0].next, 1);
+    }
+
+    #[test]
+    fn pushed_events_stay_invisible_until_published_and_wake_readers_once() {
+        let log = Log::new(1 << 20);
+        let mut progress = log.subscribe();
+        progress.mark_unchanged();
+        for word in ["a", "b", "c"] {
+            assert_eq!(log.push(text(word)), Appended::Yes);
+        }
+        assert!(
+            log.read(0, 1024).is_none(),
+            "nothing readable before publish"
+        );
+        assert_eq!(log.len(), 0);
+        assert!(!progress.has_changed().expect("sender alive"));
+        log.publish();
+        assert!(progress.has_changed().expect("sender alive"));
+        assert_eq!(progress.borrow_and_update().len, 3);
+        let frames = log.read(0, 1024).expect("the burst");
+        assert_eq!(frames.len(), 1, "one read takes the whole burst");
+        assert_eq!(frames[0].event, text("abc"));
+        // Publishing with nothing new wakes nobody.
+        log.publish();
+        assert!(!progress.has_changed().expect("sender alive"));
+    }
+
+    #[test]
+    fn ending_the_log_publishes_what_was_pushed() {
+        let log = Log::new(1 << 20);
+        log.push(text("x"));
+        assert!(log.end(Outcome::Complete));
+        assert_eq!(log.len(), 1);
+        assert_eq!(
+            log.read(0, 1024).expect("the pushed event")[0].event,
+            text("x")
+        );
+        // The reply bound ends the log the same way.
+        let log = Log::new(2 * EVENT_OVERHEAD + 4);
+        assert_eq!(log.push(text("ab")), Appended::Yes);
+        assert_eq!(log.push(text("cdefgh")), Appended::TooLarge);
+        assert_eq!(log.len(), 1);
+        assert!(log.outcome().is_some());
     }
 
     #[test]

@@ -21,7 +21,7 @@ mod reply;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -282,33 +282,63 @@ impl Generation {
 
     /// Appends the dispatched events; returns how the reply ended. On
     /// success the last event is the usage billed over all attempts.
+    ///
+    /// Events the dispatch has already decoded (an upstream read often
+    /// carries hundreds of tokens) are pushed as one burst, up to
+    /// [`BURST`], and published with one wake-up.
     async fn relay(&self, mut dispatch: RouteStream) -> Outcome {
-        while let Some(item) = dispatch.next().await {
-            let event = match item {
-                Ok(RouteEvent::Accepted(served)) => {
-                    self.set_served(served);
-                    self.log.mark_accepted();
-                    continue;
+        while let Some(mut item) = dispatch.next().await {
+            let mut pushed = 0;
+            let finished = loop {
+                if let Some(outcome) = self.take(item) {
+                    self.log.publish();
+                    return outcome;
                 }
-                Ok(RouteEvent::Restart(served)) => {
-                    self.set_served(served);
-                    self.log.mark_accepted();
-                    ProviderEvent::Restart
+                pushed += 1;
+                if pushed == BURST {
+                    break false;
                 }
-                Ok(RouteEvent::Event(event)) => event,
-                Err(err) => return Outcome::Failed(err),
+                match dispatch.next().now_or_never() {
+                    Some(Some(ready)) => item = ready,
+                    Some(None) => break true,
+                    // Nothing more decoded yet: publish the burst and wait.
+                    None => break false,
+                }
             };
-            match self.log.append(event) {
-                Appended::Yes => {}
-                Appended::Ended | Appended::TooLarge => {
-                    return self.log.outcome().unwrap_or(Outcome::Complete);
-                }
+            self.log.publish();
+            if finished {
+                break;
             }
         }
         drop(dispatch);
         let (total, _, _) = usage::total(&self.ledger.attempts(), &self.pricing);
         self.log.append(ProviderEvent::Usage(total));
         Outcome::Complete
+    }
+
+    /// Pushes one dispatched item into the log (unpublished); the outcome
+    /// if it ended the reply.
+    fn take(&self, item: Result<RouteEvent, ProviderError>) -> Option<Outcome> {
+        let event = match item {
+            Ok(RouteEvent::Accepted(served)) => {
+                self.set_served(served);
+                self.log.mark_accepted();
+                return None;
+            }
+            Ok(RouteEvent::Restart(served)) => {
+                self.set_served(served);
+                self.log.mark_accepted();
+                ProviderEvent::Restart
+            }
+            Ok(RouteEvent::Event(event)) => event,
+            Err(err) => return Some(Outcome::Failed(err)),
+        };
+        match self.log.push(event) {
+            Appended::Yes => None,
+            Appended::Ended | Appended::TooLarge => {
+                Some(self.log.outcome().unwrap_or(Outcome::Complete))
+            }
+        }
     }
 
     fn set_served(&self, served: Served) {
@@ -446,8 +476,18 @@ impl Subscriber {
             }
             // Woken by the first event of a burst: let the relay append the
             // rest before reading, so one frame (one socket write) carries
-            // the burst rather than its first event alone.
-            tokio::task::yield_now().await;
+            // the burst rather than its first event alone. Keep yielding
+            // while the log grows, up to a bound: a paced reply (one token
+            // per wake-up) reads after one yield, as before.
+            let mut seen = self.progress.borrow().len;
+            for _ in 0..SPIN {
+                tokio::task::yield_now().await;
+                let now = self.progress.borrow().len;
+                if now == seen || now - cursor >= BURST as u64 {
+                    break;
+                }
+                seen = now;
+            }
         }
     }
 }
@@ -459,6 +499,14 @@ impl Drop for Subscriber {
             .send_modify(|n| *n = n.saturating_sub(1));
     }
 }
+
+/// Most events the relay pushes before waking the readers: bounds how long
+/// the first token of a burst waits for the rest (each push is well under
+/// a microsecond).
+const BURST: usize = 64;
+
+/// Most yields a woken reader spends letting a burst accumulate.
+const SPIN: usize = 16;
 
 fn unix_now() -> u64 {
     SystemTime::now()

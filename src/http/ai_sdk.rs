@@ -144,14 +144,16 @@ pub(super) fn response(mut subscriber: Subscriber, heartbeat: std::time::Duratio
         yield Ok::<_, std::convert::Infallible>(Bytes::from_static(b": spillway stream open\n\n"));
         yield Ok(part(&json!({ "type": "start", "messageId": message_id })));
         let mut encoder = PartEncoder::default();
+        let mut heartbeat = super::Heartbeat::new(heartbeat);
         loop {
             let read = tokio::select! {
                 read = subscriber.read() => read,
-                () = tokio::time::sleep(heartbeat) => {
+                () = heartbeat.due() => {
                     yield Ok(Bytes::from_static(b": keep-alive\n\n"));
                     continue;
                 }
             };
+            heartbeat.wrote();
             match read {
                 Read::Frames(frames) => {
                     let out = encoder.frames(&frames);

@@ -606,3 +606,68 @@ impl MakeRequestId for MakeRequestUuidV7 {
             .map(TowerRequestId::new)
     }
 }
+
+/// The keep-alive clock of a streaming response: due once the stream has
+/// written nothing for `every`. One timer per stream, re-armed only when it
+/// fires early, instead of a timer registered and dropped around every read.
+pub(crate) struct Heartbeat {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    every: Duration,
+    last: tokio::time::Instant,
+}
+
+impl Heartbeat {
+    pub(crate) fn new(every: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            sleep: Box::pin(tokio::time::sleep_until(now + every)),
+            every,
+            last: now,
+        }
+    }
+
+    /// Records a write: the next keep-alive is due `every` from now.
+    pub(crate) fn wrote(&mut self) {
+        self.last = tokio::time::Instant::now();
+    }
+
+    /// Resolves when a keep-alive is due, and counts it as the write it
+    /// is about to be. Cancel-safe: dropping it loses nothing.
+    pub(crate) async fn due(&mut self) {
+        loop {
+            self.sleep.as_mut().await;
+            let due = self.last + self.every;
+            let now = tokio::time::Instant::now();
+            if due <= now {
+                self.last = now;
+                self.sleep.as_mut().reset(now + self.every);
+                return;
+            }
+            self.sleep.as_mut().reset(due);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Heartbeat;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_keep_alive_is_due_only_after_a_full_idle_interval_since_the_last_write() {
+        let every = Duration::from_secs(15);
+        let start = Instant::now();
+        let mut heartbeat = Heartbeat::new(every);
+        // Writes at 10 s and 20 s push the keep-alive to 35 s.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        heartbeat.wrote();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        heartbeat.wrote();
+        heartbeat.due().await;
+        assert_eq!(start.elapsed(), Duration::from_secs(35));
+        // The keep-alive counts as a write: the next is due 15 s later.
+        heartbeat.due().await;
+        assert_eq!(start.elapsed(), Duration::from_secs(50));
+    }
+}

@@ -434,17 +434,19 @@ fn sse_body(
         generation.created(),
         delivery.include_usage,
     );
+    let mut heartbeat = super::Heartbeat::new(heartbeat);
     async_stream::stream! {
         let _counted = crate::metrics::get().connection("openai");
         yield Ok(Bytes::from_static(b": spillway stream open\n\n"));
         loop {
             let read = tokio::select! {
                 read = subscriber.read() => read,
-                () = tokio::time::sleep(heartbeat) => {
+                () = heartbeat.due() => {
                     yield Ok(Bytes::from_static(b": keep-alive\n\n"));
                     continue;
                 }
             };
+            heartbeat.wrote();
             match read {
                 Read::Frames(frames) => {
                     // `model` names the upstream model answering now.

@@ -185,7 +185,7 @@ fn stream_reply(
     first: Vec<String>,
     permit: crate::limits::ConnectionPermit,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-    let heartbeat = gateway.config.server.heartbeat();
+    let mut heartbeat = super::Heartbeat::new(gateway.config.server.heartbeat());
     let gateway = Arc::clone(gateway);
     let generation_id = generation.id().to_string();
     let mut reads = crate::chat::reads(generation.subscribe(offset));
@@ -215,11 +215,12 @@ fn stream_reply(
                     break;
                 }
                 next = reads.next() => next,
-                () = tokio::time::sleep(heartbeat) => {
+                () = heartbeat.due() => {
                     yield Ok(Bytes::from_static(b": keep-alive\n\n"));
                     continue;
                 }
             };
+            heartbeat.wrote();
             let Some((generation, read)) = next else { break };
             let mut out = String::new();
             let frames = crate::chat::encode(&generation, read, &mut finish);

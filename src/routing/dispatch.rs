@@ -340,15 +340,38 @@ impl Router {
                             }
                             let mut got_content = false;
                             let mut last_content: Option<Instant> = None;
+                            // When the last item arrived: once content flows,
+                            // the idle limit counts from it.
+                            let mut seen = started;
+                            // One timer for the attempt, re-armed only when it
+                            // fires early (content came since it was armed),
+                            // not once per token.
+                            let watchdog = tokio::time::sleep_until(first_token_by);
+                            tokio::pin!(watchdog);
+                            // Metric handles once per attempt, not a labelled
+                            // lookup per token.
+                            let (ttft, inter_token, deltas) = {
+                                let metrics = crate::metrics::get();
+                                (
+                                    metrics.ttft.get_or_create(&target_labels).clone(),
+                                    metrics.inter_token.get_or_create(&target_labels).clone(),
+                                    metrics.deltas.get_or_create(&target_labels).clone(),
+                                )
+                            };
                             loop {
-                                let by = if got_content {
-                                    (Instant::now() + target.idle).min(deadline)
-                                } else {
-                                    first_token_by
-                                };
-                                let next = match tokio::time::timeout_at(by, upstream.next()).await {
-                                    Ok(next) => next,
-                                    Err(_) => {
+                                let next = tokio::select! {
+                                    biased;
+                                    next = upstream.next() => next,
+                                    () = &mut watchdog => {
+                                        let by = if got_content {
+                                            (seen + target.idle).min(deadline)
+                                        } else {
+                                            first_token_by
+                                        };
+                                        if by > Instant::now() {
+                                            watchdog.as_mut().reset(by);
+                                            continue;
+                                        }
                                         let what = if by == deadline {
                                             format!("exceeded its {} ms deadline", target.deadline.as_millis())
                                         } else if got_content {
@@ -362,6 +385,9 @@ impl Router {
                                         ));
                                     }
                                 };
+                                if got_content {
+                                    seen = Instant::now();
+                                }
                                 let mut event = match next {
                                     None => break Ok(()),
                                     Some(Err(err)) => break Err(err),
@@ -381,14 +407,19 @@ impl Router {
                                 }
                                 if let Some(chars) = content_chars(&event) {
                                     let now = Instant::now();
-                                    let metrics = crate::metrics::get();
                                     match last_content {
-                                        None => metrics.ttft.get_or_create(&target_labels).observe((now - started).as_secs_f64()),
-                                        Some(last) => metrics.inter_token.get_or_create(&target_labels).observe((now - last).as_secs_f64()),
+                                        None => ttft.observe((now - started).as_secs_f64()),
+                                        Some(last) => inter_token.observe((now - last).as_secs_f64()),
                                     }
-                                    metrics.deltas.get_or_create(&target_labels).inc();
+                                    deltas.inc();
                                     last_content = Some(now);
-                                    got_content = true;
+                                    if !got_content {
+                                        // From the first token on, the idle
+                                        // limit replaces the first-token one.
+                                        got_content = true;
+                                        seen = now;
+                                        watchdog.as_mut().reset((now + target.idle).min(deadline));
+                                    }
                                     ledger.update(entry, |e| e.content_chars += chars);
                                 }
                                 partial.observe(&event);
