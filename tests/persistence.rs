@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::db::ThrowawayPostgres;
 use common::*;
+use futures_util::FutureExt;
 use serde_json::Value;
 use spillway::config::{Config, StoreConfig};
 use spillway::store::persister::Persister;
@@ -370,5 +371,75 @@ async fn a_record_the_database_refuses_for_good_is_skipped_not_retried_forever()
         .dead_records
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(dead, 1);
+    running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn one_conversations_history_does_not_wait_for_anothers_unstored_records() {
+    let postgres = ThrowawayPostgres::start_new().await;
+    let data = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        database_url: Some(postgres.url()),
+        data_dir: data.path().display().to_string(),
+        batch_max_delay_ms: 5,
+        retry_base_ms: 20,
+        retry_max_ms: 50,
+        ..StoreConfig::default()
+    };
+    let store = spillway::store::open(&config).await.unwrap();
+    store.migrate().await.unwrap();
+    let (persister, running) = Persister::start(Arc::clone(&store), &config).await.unwrap();
+    let message = |conversation: &str, content: &str| {
+        Record::Message(MessageRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            conversation_id: conversation.into(),
+            tenant_id: "default".into(),
+            user_id: "liskov".into(),
+            role: "user".into(),
+            content: content.into(),
+            status: MessageStatus::Complete,
+            model: None,
+            provider: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            cost_usd: None,
+            usage_estimated: false,
+            client_message_id: None,
+            generation_id: None,
+            created_at: spillway::store::now_ms(),
+        })
+    };
+    let a = "01950000-0000-7000-8000-00000000000a";
+    let b = "01950000-0000-7000-8000-00000000000b";
+    persister.submit(&message(a, "in a")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), persister.flushed_for(a))
+        .await
+        .expect("a's record reached the database");
+    assert_eq!(pairs(&messages_of(&store, "liskov").await).len(), 1);
+
+    // With the database gone, b's record is durable but cannot be stored.
+    postgres.stop().await;
+    persister.submit(&message(b, "in b")).await.unwrap();
+    assert!(
+        persister.flushed_for(a).now_or_never().is_some(),
+        "a has nothing unstored: its history read must not wait"
+    );
+    assert!(
+        persister.flushed_for(b).now_or_never().is_none(),
+        "b's record is not in the database yet"
+    );
+    assert!(persister.flushed().now_or_never().is_none());
+
+    // Once the database is back, b's wait ends with its record stored.
+    postgres.start().await;
+    tokio::time::timeout(Duration::from_secs(30), persister.flushed_for(b))
+        .await
+        .expect("b's record reached the database");
+    let stored: Vec<String> = messages_of(&store, "liskov")
+        .await
+        .into_iter()
+        .map(|m| m.content)
+        .collect();
+    assert_eq!(stored, vec!["in a".to_owned(), "in b".to_owned()]);
     running.shutdown(Duration::from_secs(5)).await;
 }

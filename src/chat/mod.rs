@@ -1308,9 +1308,14 @@ impl Chat {
             };
             // The store lags the persister by a batch: the exchange that
             // just ended (its room closed when the client left) may not be
-            // in it yet. Wait for what is journaled, within a bound.
+            // in it yet. Wait for what this conversation has journaled,
+            // within a bound (not for other conversations' batches).
             if let Some(persister) = &self.persister {
-                let flushed = tokio::time::timeout(HISTORY_FLUSH_WAIT, persister.flushed()).await;
+                let flushed = tokio::time::timeout(
+                    HISTORY_FLUSH_WAIT,
+                    persister.flushed_for(conversation_id),
+                )
+                .await;
                 if flushed.is_err() {
                     tracing::warn!(
                         conversation = conversation_id,

@@ -30,9 +30,10 @@
 //! the writer `store.shutdown_flush_secs` to catch up; what it cannot store
 //! stays in the journal for the next start.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -90,6 +91,8 @@ enum Submission {
     /// A record to journal; `ack` hears when it is durable.
     Record {
         payload: Vec<u8>,
+        /// The conversation the record belongs to.
+        conversation: String,
         ack: Option<oneshot::Sender<Result<(), PersistError>>>,
     },
     /// Stop after what is queued.
@@ -104,7 +107,23 @@ pub struct Persister {
     durable: watch::Receiver<Position>,
     /// How far the database has caught up.
     stored: watch::Receiver<Position>,
+    /// Per conversation, where its latest record ends in the journal, until
+    /// the database has caught up past it.
+    unstored: Arc<Unstored>,
+    /// The journal's end at startup: records replayed from it may belong
+    /// to any conversation.
+    recovered: Position,
     stats: Arc<Stats>,
+}
+
+/// Conversations with journaled records the database does not have yet.
+/// Bounded by the records in flight: the writer drops an entry once it has
+/// stored past it.
+type Unstored = Mutex<HashMap<String, Position>>;
+
+fn lock_unstored(unstored: &Unstored) -> std::sync::MutexGuard<'_, HashMap<String, Position>> {
+    // Each critical section is one insert, lookup or retain.
+    unstored.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl std::fmt::Debug for Submission {
@@ -170,9 +189,19 @@ impl Persister {
         let (durable_tx, durable) = watch::channel(recovery.end);
         let (stored_tx, stored) = watch::channel(recovery.checkpoint);
         let thread_stats = Arc::clone(&stats);
+        let unstored = Arc::new(Unstored::default());
+        let thread_unstored = Arc::clone(&unstored);
         let journal_thread = std::thread::Builder::new()
             .name("spillway-journal".into())
-            .spawn(move || journal_loop(journal, intake, &durable_tx, &thread_stats))
+            .spawn(move || {
+                journal_loop(
+                    journal,
+                    intake,
+                    &durable_tx,
+                    &thread_unstored,
+                    &thread_stats,
+                );
+            })
             .map_err(|err| PersistError::Journal(err.to_string()))?;
 
         let draining = CancellationToken::new();
@@ -182,6 +211,7 @@ impl Persister {
             from: recovery.checkpoint,
             durable: durable.clone(),
             stored: stored_tx,
+            unstored: Arc::clone(&unstored),
             stats: Arc::clone(&stats),
             draining: draining.clone(),
             max_rows: config.batch_max_rows,
@@ -193,6 +223,8 @@ impl Persister {
             queue: queue.clone(),
             durable,
             stored,
+            unstored,
+            recovered: recovery.end,
             stats,
         };
         let running = Running {
@@ -212,6 +244,7 @@ impl Persister {
         self.queue
             .send(Submission::Record {
                 payload,
+                conversation: conversation_of(record).to_owned(),
                 ack: Some(ack),
             })
             .await
@@ -225,7 +258,11 @@ impl Persister {
     pub async fn enqueue(&self, record: &Record) -> Result<(), PersistError> {
         let payload = encode(record)?;
         self.queue
-            .send(Submission::Record { payload, ack: None })
+            .send(Submission::Record {
+                payload,
+                conversation: conversation_of(record).to_owned(),
+                ack: None,
+            })
             .await
             .map_err(|_| PersistError::Closed)
     }
@@ -238,6 +275,19 @@ impl Persister {
     /// Waits until everything journaled so far is in the database.
     pub async fn flushed(&self) {
         let target = *self.durable.borrow();
+        self.stored_past(target).await;
+    }
+
+    /// Waits until every record of `conversation` journaled so far (and
+    /// whatever the journal held at startup) is in the database: reading
+    /// one conversation's history does not wait for everyone else's batch.
+    pub async fn flushed_for(&self, conversation: &str) {
+        let latest = lock_unstored(&self.unstored).get(conversation).copied();
+        let target = latest.map_or(self.recovered, |p| p.max(self.recovered));
+        self.stored_past(target).await;
+    }
+
+    async fn stored_past(&self, target: Position) {
         let mut stored = self.stored.clone();
         drop(stored.wait_for(|p| *p >= target).await);
     }
@@ -263,6 +313,14 @@ impl Running {
     }
 }
 
+/// The conversation `record` belongs to.
+fn conversation_of(record: &Record) -> &str {
+    match record {
+        Record::Conversation(row) => &row.id,
+        Record::Message(row) => &row.conversation_id,
+    }
+}
+
 /// A record as a journal payload, refused (alone) if it could never be
 /// journaled, so it cannot fail the group commit of everyone else's.
 fn encode(record: &Record) -> Result<Vec<u8>, PersistError> {
@@ -283,6 +341,7 @@ fn journal_loop(
     mut journal: Journal,
     mut intake: mpsc::Receiver<Submission>,
     durable: &watch::Sender<Position>,
+    unstored: &Unstored,
     stats: &Stats,
 ) {
     let mut closing = false;
@@ -299,10 +358,16 @@ fn journal_loop(
         }
         let mut payloads = Vec::with_capacity(batch.len());
         let mut acks = Vec::with_capacity(batch.len());
+        let mut conversations = Vec::with_capacity(batch.len());
         for submission in batch {
             match submission {
-                Submission::Record { payload, ack } => {
+                Submission::Record {
+                    payload,
+                    conversation,
+                    ack,
+                } => {
                     payloads.push(payload);
+                    conversations.push(conversation);
                     acks.push(ack);
                 }
                 Submission::Close => closing = true,
@@ -321,6 +386,13 @@ fn journal_loop(
             stats
                 .pending
                 .fetch_add(i64::try_from(count).unwrap_or(i64::MAX), Ordering::Relaxed);
+            // Before anyone hears the records are durable, so a history
+            // read right after the ack waits for them.
+            let mut pending = lock_unstored(unstored);
+            for conversation in conversations {
+                pending.insert(conversation, *end);
+            }
+            drop(pending);
             durable.send_replace(*end);
         }
         for ack in acks.into_iter().flatten() {
@@ -336,6 +408,7 @@ struct Writer {
     from: Position,
     durable: watch::Receiver<Position>,
     stored: watch::Sender<Position>,
+    unstored: Arc<Unstored>,
     stats: Arc<Stats>,
     draining: CancellationToken,
     max_rows: usize,
@@ -433,6 +506,7 @@ async fn write_loop(mut w: Writer) {
         .await
         .unwrap_or(0);
         w.stats.spill_bytes.store(spill, Ordering::Relaxed);
+        lock_unstored(&w.unstored).retain(|_, end| *end > last);
         w.stored.send_replace(last);
     }
 }
