@@ -68,7 +68,12 @@ fn text_of(parts: &[Value]) -> String {
 #[tokio::test]
 async fn a_reply_is_the_exact_ui_message_stream() {
     let upstream = FakeUpstream::start().await;
-    upstream.push(openai_stream(&["Hel", "lo", " 🚀"], Duration::ZERO));
+    // Tokens apart in time: ones that arrive together are coalesced into
+    // one delta (by design), and this test pins the exact parts.
+    upstream.push(openai_stream(
+        &["Hel", "lo", " 🚀"],
+        Duration::from_millis(30),
+    ));
     let gateway = TestGateway::openai(&upstream).await;
 
     let response = post(&gateway, "ada", &body("chat-1", "Hi")).await;

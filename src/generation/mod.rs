@@ -477,14 +477,27 @@ impl Subscriber {
             // Woken by the first event of a burst: let the relay append the
             // rest before reading, so one frame (one socket write) carries
             // the burst rather than its first event alone. Keep yielding
-            // while the log grows, up to a bound: a paced reply (one token
-            // per wake-up) reads after one yield, as before.
+            // while the log grows, up to a bound; stop after two yields in
+            // a row saw no growth. Two, not one: hyper re-polls an SSE body
+            // at once after a `Pending`, so its first yield often returns
+            // before the relay has run at all (measured: one token per
+            // `writev` with one, ~60 with two). A paced reply (one token per
+            // wake-up) reads after two quick yields.
             let mut seen = self.progress.borrow().len;
+            let mut still = 0; // consecutive yields without growth
             for _ in 0..SPIN {
                 tokio::task::yield_now().await;
                 let now = self.progress.borrow().len;
-                if now == seen || now - cursor >= BURST as u64 {
+                if now - cursor >= BURST as u64 {
                     break;
+                }
+                if now == seen {
+                    still += 1;
+                    if still == 2 {
+                        break;
+                    }
+                } else {
+                    still = 0;
                 }
                 seen = now;
             }
